@@ -1,0 +1,668 @@
+"""Manifests, CT preprocessing (MONAI), cached datasets and cross-validation folds.
+
+A manifest is a CSV with one row per patient: ``patient_id``, ``ct_path`` (a NIfTI file or a folder
+holding one DICOM series), ``label`` (0 = good outcome, 1 = bad) or ``gos`` (Glasgow Outcome Scale
+1-5, bad = GOS <= 3), and the clinical report as ``report`` (text) or ``report_path`` (a text file).
+Relative paths are read from the manifest's folder. Row numbers in messages count the header as
+row 1, as a spreadsheet shows them.
+
+The model input is a float32 tensor of shape (1, D, H, W) in a fixed anatomical orientation:
+D runs inferior -> superior (slice 0 is the lowest), H runs anterior -> posterior (row 0 is the
+front of the head) and W runs from the patient's right to left (column 0 is the patient's right).
+An axial slice ``x[0, k]`` therefore displays like a radiology viewer shows it (nose up, patient's
+right on the image's left), whatever the orientation the CT was stored in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pydicom
+import torch
+from monai.data import MetaTensor, NibabelReader, PersistentDataset, PydicomReader
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    DeleteItemsd,
+    EnsureChannelFirstd,
+    EnsureTyped,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    Resized,
+    ScaleIntensityRanged,
+    Transform,
+)
+from monai.utils import ImageMetaKey
+from nibabel.filebasedimages import ImageFileError
+from pydicom.errors import InvalidDicomError
+from scipy import ndimage
+from sklearn.model_selection import StratifiedKFold
+from torch.utils.data import Dataset
+
+from ichpro.config import PreprocessConfig
+from ichpro.errors import IchproError, ImageError, ManifestError
+
+NUMERIC_COLUMNS = (
+    "age",
+    "gcs",
+    "volume_ml",
+    "midline_shift_mm",
+    "onset_to_ct_min",
+    "hospital_stay_days",
+    "ich_score",
+    "func_score",
+)
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: HU range of intracranial tissue (CSF, brain, fresh blood) used to find the brain.
+INTRACRANIAL_HU = (-20.0, 100.0)
+#: MONAI axis labels for world axes x, y, z (RAS+): given explicitly to pin Orientation's behaviour.
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+#: Model axes (D, H, W) = towards Superior, Posterior, Left; see the module docstring.
+MODEL_AXCODES = "SPL"
+DICOM_GEOMETRY_TAGS = [
+    "SeriesInstanceUID",
+    "InstanceNumber",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "Rows",
+    "Columns",
+]
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+# --------------------------------------------------------------------------------------------
+# Manifest
+
+
+def load_manifest(path: str | Path) -> pd.DataFrame:
+    """Read and validate a manifest CSV; raise ManifestError listing every problem, else return it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(
+            f"manifest {path} does not exist: give the path of a CSV file with one row per patient"
+        )
+    try:
+        df = pd.read_csv(path, dtype=str, skip_blank_lines=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise ManifestError(
+            f"manifest {path} cannot be read as CSV ({err}): save it as comma-separated UTF-8 text"
+        ) from err
+    df.columns = df.columns.str.strip()
+    root = path.resolve().parent
+    problems = check_manifest(df, root)
+    if problems:
+        raise ManifestError(
+            "\n".join([f"manifest {path} has {len(problems)} problem(s):", *problems])
+        )
+    return _normalise(df, root)
+
+
+def check_manifest(df: pd.DataFrame, root: Path) -> list[str]:
+    """Return every problem in the manifest, one sentence each: row, patient, what is wrong, fix."""
+    problems = _column_problems(df)
+    if df.empty:
+        problems.append("the manifest has no patients: add one row per patient.")
+    first_row_of: dict[str, int] = {}
+    for row, record in enumerate(df.to_dict("records"), start=2):
+        problems += _row_problems(row, record, Path(root), first_row_of)
+    return problems
+
+
+def _column_problems(df: pd.DataFrame) -> list[str]:
+    """Problems with the manifest's columns: each required column, or one of its alternatives."""
+    required = {
+        ("patient_id",): "a 'patient_id' column (a unique id per patient)",
+        ("ct_path",): "a 'ct_path' column (each patient's CT: a .nii/.nii.gz file or a DICOM folder)",
+        ("label", "gos"): "a 'label' column (0 = good outcome, 1 = bad) "
+        "or a 'gos' column (Glasgow Outcome Scale 1-5)",
+        ("report", "report_path"): "a 'report' column (the report text) "
+        "or a 'report_path' column (a text file per patient)",
+    }
+    problems = []
+    for names, wanted in required.items():
+        if not any(name in df.columns for name in names):
+            hint = _close_column(names, df.columns)
+            problems.append(f"the manifest lacks {wanted}: add it{hint}.")
+    return problems
+
+
+def _close_column(names: Sequence[str], columns: Sequence[str]) -> str:
+    """A ' (rename column X to Y?)' hint when a column looks like a misspelt required name."""
+    for name in names:
+        close = difflib.get_close_matches(name, [str(c) for c in columns], n=1, cutoff=0.7)
+        if close:
+            return f" (rename column {close[0]!r} to {name!r}?)"
+    return ""
+
+
+def _row_problems(
+    row: int, record: dict[Hashable, Any], root: Path, first_row_of: dict[str, int]
+) -> list[str]:
+    """Problems of one data row, each prefixed with its row number and patient id."""
+    pid = _text(record.get("patient_id"))
+    where = f"row {row} (patient {pid!r})" if pid else f"row {row}"
+    if not any(_text(value) for value in record.values()):
+        return [f"{where}: the row is empty: delete it."]
+    found = [
+        _id_problem(pid, row, first_row_of) if "patient_id" in record else None,
+        _ct_problem(record["ct_path"], root) if "ct_path" in record else None,
+        _label_problem(record),
+        _report_problem(record, root),
+        *(_numeric_problem(record, column) for column in NUMERIC_COLUMNS if column in record),
+    ]
+    return [f"{where}: {problem}" for problem in found if problem]
+
+
+def _id_problem(pid: str, row: int, first_row_of: dict[str, int]) -> str | None:
+    """An empty or duplicate patient_id."""
+    if not pid:
+        return "patient_id is empty: give every row a unique patient_id."
+    if pid in first_row_of:
+        return (
+            f"patient_id {pid!r} is already used on row {first_row_of[pid]}: "
+            "give each patient a unique id or delete the duplicate row."
+        )
+    first_row_of[pid] = row
+    return None
+
+
+def _ct_problem(value: Any, root: Path) -> str | None:
+    """A missing, unreadable or non-3D CT (header-only check)."""
+    text = _text(value)
+    if not text:
+        return "ct_path is empty: give the path of the patient's CT (a NIfTI file or a DICOM folder)."
+    path = _resolve(text, root)
+    if not path.exists():
+        return (
+            f"CT {path} does not exist: fix ct_path "
+            f"(relative paths are read from the manifest's folder {root})."
+        )
+    try:
+        ct_geometry(path)
+    except ImageError as err:
+        return f"{err}."
+    return None
+
+
+def _label_problem(record: dict[Hashable, Any]) -> str | None:
+    """A label outside {0, 1}, or (without a label column) a GOS outside 1..5."""
+    if "label" in record:
+        value = _text(record["label"])
+        if _number(value) not in (0, 1):
+            return f"label is {_shown(value)}: set it to 0 (good outcome) or 1 (bad outcome)."
+    elif "gos" in record:
+        value = _text(record["gos"])
+        if _number(value) not in (1, 2, 3, 4, 5):
+            return (
+                f"gos is {_shown(value)}: set it to the Glasgow Outcome Scale score, "
+                "a whole number from 1 to 5."
+            )
+    return None
+
+
+def _report_problem(record: dict[Hashable, Any], root: Path) -> str | None:
+    """An empty report, or a report file that is missing, empty or not UTF-8."""
+    if "report" not in record and "report_path" not in record:
+        return None  # already reported as a missing column
+    if _text(record.get("report")):
+        return None
+    path_text = _text(record.get("report_path"))
+    if not path_text:
+        return (
+            "the report is empty: write the clinical report in the 'report' column "
+            "or give a text file in 'report_path'."
+        )
+    path = _resolve(path_text, root)
+    if not path.is_file():
+        return (
+            f"report file {path} does not exist: fix report_path "
+            f"(relative paths are read from the manifest's folder {root})."
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        return f"report file {path} is not UTF-8 text: save it with UTF-8 encoding."
+    if not text.strip():
+        return f"report file {path} is empty: write the clinical report into it."
+    return None
+
+
+def _numeric_problem(record: dict[Hashable, Any], column: str) -> str | None:
+    """A non-empty, non-numeric value in a numeric clinical column."""
+    value = _text(record[column])
+    if value and _number(value) is None:
+        return f"{column} is {value!r}, not a number: write a number (e.g. 63 or 4.5) or leave it empty."
+    return None
+
+
+def _normalise(df: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """The validated manifest with absolute ct_path, report text, integer label and float columns."""
+    out = df.copy()
+    out["patient_id"] = out["patient_id"].map(_text)
+    out["ct_path"] = [str(_resolve(_text(p), root)) for p in out["ct_path"]]
+    out["report"] = [_report_text(record, root) for record in df.to_dict("records")]
+    if "label" in out.columns:
+        out["label"] = out["label"].map(_number).astype(int)
+    else:
+        out["label"] = (out["gos"].map(_number) <= 3).astype(int)
+    for column in [*NUMERIC_COLUMNS, "gos"]:
+        if column in out.columns:
+            out[column] = out[column].map(_number).astype(float)
+    return out
+
+
+def _report_text(record: dict[Hashable, Any], root: Path) -> str:
+    """The report text of a validated row: the 'report' cell, else the report file's content."""
+    text = _text(record.get("report"))
+    if text:
+        return text
+    return _resolve(_text(record["report_path"]), root).read_text(encoding="utf-8").strip()
+
+
+def _text(value: Any) -> str:
+    """A cell as stripped text; empty for None, NaN and blanks."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return str(value).strip()
+
+
+def _number(value: Any) -> float | None:
+    """A cell as a finite float, or None when it is empty or not a number."""
+    try:
+        number = float(_text(value))
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _shown(value: str) -> str:
+    """A cell value quoted for a message, or 'empty'."""
+    return repr(value) if value else "empty"
+
+
+def _resolve(text: str, root: Path) -> Path:
+    """An absolute path: `text` itself if absolute, else relative to `root`."""
+    return (Path(root) / Path(text).expanduser()).resolve()
+
+
+def summarize_manifest(df: pd.DataFrame) -> str:
+    """Human summary of a loaded manifest: patients, outcome balance, CT geometry, clinical columns."""
+    n = len(df)
+    bad = int(df["label"].sum())
+    geometries = [ct_geometry(Path(p)) for p in df["ct_path"]]
+    shapes = np.array([g.shape for g in geometries])
+    spacings = np.array([g.spacing for g in geometries])
+    orientations = pd.Series([g.axcodes for g in geometries]).value_counts()
+    clinical = [c for c in NUMERIC_COLUMNS if c in df.columns]
+    known = {"patient_id", "ct_path", "label", "gos", "report", "report_path", *clinical}
+    lines = [
+        f"patients: {n}",
+        f"outcome: {n - bad} good ({_percent(n - bad, n)}), {bad} bad ({_percent(bad, n)})",
+        f"CT size (voxels, x × y × z in RAS order): {_triple(shapes.min(0), 'd')} "
+        f"to {_triple(shapes.max(0), 'd')}",
+        f"voxel spacing (mm, x × y × z): {_triple(spacings.min(0), '.2f')} "
+        f"to {_triple(spacings.max(0), '.2f')}",
+        "stored orientation: " + ", ".join(f"{code} ({k})" for code, k in orientations.items()),
+        "clinical columns: " + (", ".join(_filled(df[c]) for c in clinical) or "none"),
+        "other columns: " + (", ".join(c for c in df.columns if c not in known) or "none"),
+    ]
+    return "\n".join(lines)
+
+
+def _filled(column: pd.Series) -> str:
+    """A column's name, with how many rows fill it when some are empty."""
+    filled = int(column.notna().sum())
+    return column.name if filled == len(column) else f"{column.name} ({filled}/{len(column)} filled)"
+
+
+def _percent(k: int, n: int) -> str:
+    """k out of n as a percentage with one decimal."""
+    return f"{100 * k / n:.1f}%" if n else "n/a"
+
+
+def _triple(values: Sequence[float], fmt: str) -> str:
+    """Three numbers joined as 'a×b×c'."""
+    return "×".join(format(v, fmt) for v in values)
+
+
+# --------------------------------------------------------------------------------------------
+# CT headers (cheap: no pixel data is read)
+
+
+class CTGeometry(NamedTuple):
+    """Size and voxel spacing of a CT along the RAS axes (x, y, z), and its stored axis codes."""
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    axcodes: str
+
+
+def ct_geometry(path: str | Path) -> CTGeometry:
+    """Read a CT's geometry from its header(s); raise ImageError if unreadable or not a 3D volume."""
+    path = Path(path)
+    return _dicom_geometry(path) if path.is_dir() else _nifti_geometry(path)
+
+
+def _nifti_geometry(path: Path) -> CTGeometry:
+    """Geometry of a NIfTI file, from its header only."""
+    if not path.name.lower().endswith(NIFTI_SUFFIXES):
+        raise ImageError(
+            f"CT {path} is neither a NIfTI file (.nii or .nii.gz) nor a folder of DICOM files: "
+            "convert it to NIfTI (e.g. with dcm2niix) or give the DICOM folder"
+        )
+    try:
+        image = nib.load(path)
+    except (ImageFileError, OSError, EOFError) as err:
+        raise ImageError(
+            f"CT {path} cannot be read as NIfTI ({err}): re-export it as a .nii or .nii.gz volume"
+        ) from err
+    _check_shape(path, image.shape)
+    return _geometry_from_affine(image.shape, image.affine)
+
+
+def _dicom_geometry(folder: Path) -> CTGeometry:
+    """Geometry of a DICOM series folder, from the slices' headers only."""
+    headers = []
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        try:
+            headers.append(
+                pydicom.dcmread(file, stop_before_pixels=True, specific_tags=DICOM_GEOMETRY_TAGS)
+            )
+        except (InvalidDicomError, OSError):
+            continue
+    if not headers:
+        raise ImageError(
+            f"CT folder {folder} holds no readable DICOM file: "
+            "give a folder holding one DICOM series, or a NIfTI file"
+        )
+    series = {h.get("SeriesInstanceUID") for h in headers}
+    if len(series) > 1:
+        raise ImageError(
+            f"CT folder {folder} mixes {len(series)} DICOM series: "
+            "move each series to its own folder and give the one to use"
+        )
+    headers.sort(key=lambda h: int(h.get("InstanceNumber", 0)))
+    first, last = headers[0], headers[-1]
+    try:
+        shape = (int(first.Columns), int(first.Rows), len(headers))
+        _check_shape(folder, shape)
+        cosines = np.array(first.ImageOrientationPatient, dtype=float)
+        row_step, col_step = (float(v) for v in first.PixelSpacing)
+        start = np.array(first.ImagePositionPatient, dtype=float)
+        end = np.array(last.ImagePositionPatient, dtype=float)
+    except AttributeError as err:
+        raise ImageError(
+            f"CT folder {folder} has DICOM files without geometry ({err}): export the series "
+            "with ImagePositionPatient, ImageOrientationPatient and PixelSpacing"
+        ) from err
+    lps = np.eye(4)
+    lps[:3, 0] = cosines[:3] * col_step  # the column index runs along the row direction
+    lps[:3, 1] = cosines[3:] * row_step
+    lps[:3, 2] = (end - start) / (len(headers) - 1)
+    lps[:3, 3] = start
+    return _geometry_from_affine(shape, _LPS_TO_RAS @ lps)
+
+
+def _check_shape(path: Path, shape: Sequence[int]) -> None:
+    """Raise ImageError unless `shape` (spatial axes first) is a single volume with >= 2 slices."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 3:
+        raise ImageError(f"CT {path} is not a 3D volume (shape {shape}): give a 3D CT volume")
+    if math.prod(shape[3:]) > 1:
+        raise ImageError(
+            f"CT {path} holds {math.prod(shape[3:])} volumes (shape {shape}): give a single 3D volume"
+        )
+    if min(shape[:3]) < 2:
+        raise ImageError(
+            f"CT {path} has a single slice (shape {shape}): give a 3D volume of at least 2 slices"
+        )
+
+
+def _geometry_from_affine(shape: Sequence[int], affine: np.ndarray) -> CTGeometry:
+    """Shape and spacing reordered to the RAS axes, with the stored axis codes."""
+    ras_axis = nib.orientations.io_orientation(affine)[:, 0].astype(int)
+    order = np.argsort(ras_axis)  # stored axis holding each of x, y, z
+    sizes = nib.affines.voxel_sizes(affine)
+    return CTGeometry(
+        shape=tuple(int(shape[i]) for i in order),
+        spacing=tuple(float(sizes[i]) for i in order),
+        axcodes="".join(nib.aff2axcodes(affine)),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Preprocessing
+
+
+class LoadCTd(MapTransform):
+    """Load a NIfTI file or a DICOM series folder (HU, with its RAS affine) as a MetaTensor."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = _read_ct(Path(d[key]))
+        return d
+
+
+def _read_ct(path: Path) -> MetaTensor:
+    """Read a CT with MONAI's pydicom (folders) or nibabel (files) reader."""
+    reader = PydicomReader() if path.is_dir() else NibabelReader()
+    try:
+        array, meta = reader.get_data(reader.read(path))
+    except Exception as err:  # the readers raise many types; all mean "cannot read"
+        raise ImageError(
+            f"CT {path} cannot be read ({type(err).__name__}: {err}): give a NIfTI file "
+            "(.nii/.nii.gz) or a folder holding one DICOM series"
+        ) from err
+    meta[ImageMetaKey.FILENAME_OR_OBJ] = str(path)
+    return MetaTensor(np.asarray(array, dtype=np.float32), meta=meta)
+
+
+class CheckCTd(MapTransform):
+    """Raise ImageError (naming the file) for a non-3D, single-slice, non-finite or constant CT."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image, source = d[key], _source(d[key])
+            _check_shape(source, (*image.shape[1:], image.shape[0]))  # channel axis last
+            if not torch.isfinite(image).all():
+                raise ImageError(f"CT {source} contains NaN or infinite values: fix or re-export it")
+            if image.min() == image.max():
+                raise ImageError(
+                    f"CT {source} is empty (every voxel is {float(image.min()):g}): "
+                    "give a CT with image content"
+                )
+        return d
+
+
+class BrainMaskd(Transform):
+    """Add the intracranial mask of the HU volume under `key` as `mask_key` (see brain_mask)."""
+
+    def __init__(self, key: str = "ct", mask_key: str = "brain") -> None:
+        self.key, self.mask_key = key, mask_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        mask = brain_mask(d[self.key][0].numpy())
+        if not mask.any():
+            lo, hi = INTRACRANIAL_HU
+            raise ImageError(
+                f"CT {_source(d[self.key])} has no brain (no region between {lo:g} and {hi:g} HU): "
+                "give a head CT in Hounsfield units"
+            )
+        d[self.mask_key] = torch.from_numpy(mask[None])
+        return d
+
+
+class SkullStripd(Transform):
+    """Set every voxel outside the brain mask to `fill` (the HU window's lower bound)."""
+
+    def __init__(self, fill: float, key: str = "ct", mask_key: str = "brain") -> None:
+        self.fill, self.key, self.mask_key = fill, key, mask_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        d[self.key] = d[self.key].masked_fill(~d[self.mask_key], self.fill)
+        return d
+
+
+def brain_mask(hu: np.ndarray) -> np.ndarray:
+    """Intracranial mask of a HU volume in RAS voxel order (axial slices along the last axis).
+
+    As in the paper's code: threshold to intracranial HU, opening (in-plane: cuts thin links to
+    scalp and neck tissue), largest connected component; then in-plane hole filling
+    (calcifications and other bright spots inside the brain).
+    """
+    in_plane = ndimage.generate_binary_structure(2, 1)[:, :, None]
+    lo, hi = INTRACRANIAL_HU
+    mask = ndimage.binary_opening((hu >= lo) & (hu <= hi), structure=in_plane, iterations=2)
+    components, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    largest = 1 + np.argmax(np.bincount(components.ravel())[1:])
+    return ndimage.binary_fill_holes(components == largest, structure=in_plane)
+
+
+def _source(image: Any) -> Path:
+    """The file a MetaTensor was loaded from (for messages)."""
+    meta = getattr(image, "meta", {})
+    return Path(str(meta.get(ImageMetaKey.FILENAME_OR_OBJ, "<in-memory array>")))
+
+
+class _Pipeline(Compose):
+    """A Compose that lets ichpro errors out as themselves, not wrapped in MONAI's RuntimeError."""
+
+    def __call__(self, input_: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(input_, *args, **kwargs)
+        except RuntimeError as err:
+            cause = _ichpro_cause(err)
+            if cause is None:
+                raise
+            raise cause from cause.__cause__
+
+
+def _ichpro_cause(err: BaseException | None) -> IchproError | None:
+    """The IchproError in an exception's chain of causes, if any."""
+    while err is not None and not isinstance(err, IchproError):
+        err = err.__cause__
+    return err
+
+
+def _load_steps() -> dict[str, Transform]:
+    """Named steps that load a CT as a (1, x, y, z) HU MetaTensor in RAS orientation."""
+    return {
+        "load": LoadCTd(keys="ct"),
+        "channel_first": EnsureChannelFirstd(keys="ct"),
+        "check": CheckCTd(keys="ct"),
+        "orient_ras": Orientationd(keys="ct", axcodes="RAS", labels=RAS_LABELS),
+    }
+
+
+def preprocess_steps(cfg: PreprocessConfig) -> dict[str, Transform]:
+    """The named preprocessing steps, in order (for notebooks showing each step's effect)."""
+    if (cfg.mean is None) != (cfg.std is None):
+        raise IchproError("PreprocessConfig: set both mean and std for z-normalisation, or neither")
+    lo, hi = cfg.hu_window
+    steps = _load_steps()
+    if cfg.skull_strip or cfg.crop_to_brain:
+        steps["brain_mask"] = BrainMaskd(key="ct", mask_key="brain")
+    if cfg.skull_strip:
+        steps["skull_strip"] = SkullStripd(fill=lo, key="ct", mask_key="brain")
+    if cfg.crop_to_brain:
+        steps["crop_to_brain"] = CropForegroundd(
+            keys=["ct", "brain"], source_key="brain", start_coord_key=None, end_coord_key=None
+        )
+    if cfg.skull_strip or cfg.crop_to_brain:
+        steps["drop_mask"] = DeleteItemsd(keys="brain")
+    steps["window"] = ScaleIntensityRanged(
+        keys="ct", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True
+    )
+    if cfg.mean is not None:
+        steps["normalize"] = NormalizeIntensityd(keys="ct", subtrahend=cfg.mean, divisor=cfg.std)
+    steps["to_model_axes"] = Orientationd(keys="ct", axcodes=MODEL_AXCODES, labels=RAS_LABELS)
+    # area interpolation averages the voxels it merges: anti-aliased shrinking at little cost
+    steps["resize"] = Resized(keys="ct", spatial_size=cfg.spatial_size, mode="area")
+    steps["to_tensor"] = EnsureTyped(keys="ct", dtype=torch.float32, track_meta=False)
+    return steps
+
+
+def preprocess_transforms(cfg: PreprocessConfig) -> Compose:
+    """MONAI pipeline mapping {"ct": path} to a float32 (1, D, H, W) tensor; see the module docstring."""
+    return _Pipeline(list(preprocess_steps(cfg).values()))
+
+
+def load_ct(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Load a CT (NIfTI file or DICOM folder) as a HU array in RAS voxel order and its affine."""
+    image = _Pipeline(list(_load_steps().values()))({"ct": str(path)})["ct"]
+    return image[0].numpy(), image.affine.numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets and folds
+
+
+def config_hash(obj: Any) -> str:
+    """Short stable hash (16 hex characters of sha256) of a dataclass, dict or string."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        obj = dataclasses.asdict(obj)
+    text = obj if isinstance(obj, str) else json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def make_dataset(df: pd.DataFrame, cfg: PreprocessConfig, cache_dir: Path | None = None) -> Dataset:
+    """Dataset of {"ct", "label", "patient_id", "report"} items, cached under cache_dir/config_hash(cfg)."""
+    items = [_item(record) for record in df.to_dict("records")]
+    cache = None if cache_dir is None else Path(cache_dir) / config_hash(cfg)
+    return PersistentDataset(items, transform=preprocess_transforms(cfg), cache_dir=cache)
+
+
+def _item(record: dict[Hashable, Any]) -> dict[str, Any]:
+    """A dataset item before preprocessing; the CT's size and mtime make a changed file a cache miss."""
+    path = Path(record["ct_path"])
+    size, mtime_ns = _file_stamp(path)
+    return {
+        "ct": str(path),
+        "label": int(record["label"]),
+        "patient_id": str(record["patient_id"]),
+        "report": str(record["report"]),
+        "ct_size": size,
+        "ct_mtime_ns": mtime_ns,
+    }
+
+
+def _file_stamp(path: Path) -> tuple[int, int]:
+    """Total size and latest mtime (ns) of a file, or of a folder and the files in it."""
+    stats = [path.stat()]
+    if path.is_dir():
+        stats += [p.stat() for p in path.iterdir() if p.is_file()]
+    return sum(s.st_size for s in stats), max(s.st_mtime_ns for s in stats)
+
+
+def make_folds(labels: Sequence[int] | np.ndarray, n_splits: int = 5, seed: int = 0) -> np.ndarray:
+    """Stratified fold index (0..n_splits-1) of each patient, shuffled with `seed`."""
+    labels = np.asarray(labels)
+    smallest = int(np.unique(labels, return_counts=True)[1].min())
+    if smallest < n_splits:
+        raise IchproError(
+            f"cannot make {n_splits} stratified folds: the rarer outcome has only {smallest} "
+            f"patient(s); use at most {smallest} folds or add patients"
+        )
+    folds = np.empty(len(labels), dtype=int)
+    splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+        folds[held_out] = fold
+    return folds
