@@ -6,7 +6,6 @@ STAMP   := $(VENV)/.installed
 PROFILE ?= cpu
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
-export MPLBACKEND := Agg
 
 .PHONY: setup reproduce test lint bench clean
 

@@ -289,6 +289,11 @@ def calibration_table(truth: pd.DataFrame, min_patients: int = 30) -> pd.DataFra
     return table
 
 
+def calibration_check(seed: int, n_patients: int = 5000) -> pd.DataFrame:
+    """:func:`calibration_table` of a table-only draw large enough for the published tolerances."""
+    return calibration_table(sample_clinical(n_patients, np.random.default_rng([seed, 3])))
+
+
 # --------------------------------------------------------------------------- reports
 
 

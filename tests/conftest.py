@@ -1,0 +1,18 @@
+"""Shared fixtures: one small synthetic cohort per test session."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+@pytest.fixture(scope="session")
+def smoke_cohort(tmp_path_factory):
+    """The smoke profile's cohort, generated once into a temporary folder."""
+    from ichpro.cohort import generate_cohort, load_spec
+
+    out = tmp_path_factory.mktemp("smoke_cohort")
+    generate_cohort(load_spec("smoke"), out, progress=False)
+    return out
