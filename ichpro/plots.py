@@ -1,0 +1,95 @@
+"""Figure helpers shared by the notebooks: CT slices with outlines, calibration, ROC curves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from scipy.stats import beta
+from sklearn.metrics import roc_auc_score, roc_curve
+
+from ichpro.config import BRAIN_WINDOW
+
+MASK_COLOURS = {1: "red", 2: "deepskyblue"}  # parenchymal haematoma, intraventricular blood
+
+
+def save_figure(fig: plt.Figure, path: Path) -> Path:
+    """Save a figure as PNG (and close it); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def show_axial(ax: plt.Axes, volume: np.ndarray, z: int, mask: np.ndarray | None = None,
+               window: tuple[float, float] = BRAIN_WINDOW, title: str = "") -> None:
+    """Draw axial slice ``z`` of a RAS-ordered (x, y, z) volume as a radiology viewer does
+    (anterior up, patient's right on the image's left), with mask outlines."""
+    ax.imshow(volume[::-1, :, z].T, cmap="gray", vmin=window[0], vmax=window[1], origin="lower")
+    if mask is not None:
+        for label, colour in MASK_COLOURS.items():
+            if (mask[:, :, z] == label).any():
+                ax.contour((mask[::-1, :, z] == label).T, levels=[0.5], colors=colour,
+                           linewidths=1.0, origin="lower")
+    ax.set_title(title, fontsize=9)
+    ax.axis("off")
+
+
+def largest_lesion_slice(mask: np.ndarray) -> int:
+    """Index of the axial slice with the most parenchymal haematoma (else any blood) voxels."""
+    area = (mask == 1).sum(axis=(0, 1))
+    if not area.any():
+        area = (mask > 0).sum(axis=(0, 1))
+    return int(area.argmax()) if area.any() else mask.shape[2] // 2
+
+
+def binomial_ci(successes: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Clopper-Pearson interval of a proportion."""
+    if n == 0:
+        return np.nan, np.nan
+    a = (1 - level) / 2
+    low = beta.ppf(a, successes, n - successes + 1) if successes > 0 else 0.0
+    high = beta.ppf(1 - a, successes + 1, n - successes) if successes < n else 1.0
+    return float(low), float(high)
+
+
+def plot_calibration(table: pd.DataFrame, title: str = "") -> plt.Figure:
+    """Observed rates (95 % CI) against the published ICH-score and FUNC tables."""
+    panels = list(dict.fromkeys(table["table"]))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
+    for ax, name in zip(np.atleast_1d(axes), panels):
+        part = table[table["table"] == name].reset_index(drop=True)
+        x = np.arange(len(part))
+        ax.bar(x, part["published"], color="lightgray", label="published")
+        ax.fill_between(x, part["published"] - part["tolerance"],
+                        part["published"] + part["tolerance"], step="mid", color="gray",
+                        alpha=0.2, label="tolerance")
+        observed = part.dropna(subset=["observed"])
+        ci = [binomial_ci(round(o * n), int(n)) for o, n in zip(observed["observed"], observed["n"])]
+        err = np.abs(np.array(ci).T - observed["observed"].to_numpy())
+        ax.errorbar(observed.index, observed["observed"], yerr=err, fmt="o", color="C3",
+                    label="synthetic (95 % CI)")
+        ax.set_xticks(x, [f"{s}\nn={n}" for s, n in zip(part["score"], part["n"])], fontsize=8)
+        ax.set_ylim(-0.05, 1.1)
+        ax.set_title(name, fontsize=10)
+        ax.legend(fontsize=7, loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_roc(labels: np.ndarray, scores: dict[str, np.ndarray], title: str = "") -> plt.Figure:
+    """ROC curves of several scores on the same labels, AUC in the legend."""
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    for name, score in scores.items():
+        fpr, tpr, _ = roc_curve(labels, score)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(labels, score):.3f})")
+    ax.plot([0, 1], [0, 1], ls=":", color="gray")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower right")
+    return fig
