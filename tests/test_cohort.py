@@ -68,7 +68,7 @@ def test_clinical_scores_on_hand_computed_cases():
 
 
 def test_no_images_cohort_files_and_oracle_ceilings(tmp_path):
-    spec = CohortSpec("test", n_patients=2000, seed=3, reference_size=20_000)
+    spec = CohortSpec("test", n_patients=2000, seed=3, reference_size=10_000)
     truth = generate_cohort(spec, tmp_path, images=False, progress=False)
     assert list(truth.columns) == list(TRUTH_COLUMNS)
     manifest = pd.read_csv(tmp_path / "manifest.csv")
