@@ -56,9 +56,10 @@ def setup_notebook(profile: str = "smoke", data_dir: str = "", output_dir: str =
     from monai.utils import set_determinism
 
     prof = get_profile(profile)
-    data = Path(data_dir) if data_dir else REPO_ROOT / "data_synthetic" / prof.cohort
-    out = Path(output_dir) if output_dir else RUNS_DIR / prof.name
-    figs = Path(figures_dir) if figures_dir else out / "figures"
+    # absolute paths: the runner's kernels work in notebooks/, not in the caller's folder
+    data = (Path(data_dir) if data_dir else REPO_ROOT / "data_synthetic" / prof.cohort).resolve()
+    out = (Path(output_dir) if output_dir else RUNS_DIR / prof.name).resolve()
+    figs = (Path(figures_dir) if figures_dir else out / "figures").resolve()
     figs.mkdir(parents=True, exist_ok=True)
     set_determinism(seed)
     ensure_cohort(prof, data)

@@ -67,3 +67,11 @@ def test_a_failing_notebook_keeps_its_copy_and_reports_the_cell(smoke_cohort, tm
 
 def test_notebook_dir_is_inside_the_repository():
     assert NOTEBOOK_DIR.name == "notebooks" and (NOTEBOOK_DIR.parent / "pyproject.toml").is_file()
+
+
+def test_relative_folders_are_resolved_against_the_callers_folder(smoke_cohort, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run_notebooks("smoke", only=["00"], data_dir=str(smoke_cohort), output_dir="run",
+                  figures_dir="figs")
+    assert (tmp_path / "run" / "notebooks" / "00_overview.ipynb").is_file()
+    assert (tmp_path / "figs").is_dir() and not (NOTEBOOK_DIR / "figs").exists()
