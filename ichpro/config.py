@@ -28,6 +28,38 @@ class PreprocessConfig:
     std: float | None = None
 
 
+FUSION_STRUCTURES = ("self", "cross", "self-self", "cross-cross", "self-cross", "cross-self")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Sizes of the ICHPro model; see ``ichpro.models`` for what each part does."""
+
+    vision_depth: int = 50  # MONAI 3D ResNet depth: 10, 18, 34 or 50
+    vision_widths: tuple[int, int, int, int] = (64, 128, 256, 512)  # block_inplanes
+    vision_no_max_pool: bool = False  # drop the stem's max-pool (small inputs keep a 4x4 map)
+    vision_weights: str | None = None  # local state dict (e.g. MedicalNet) for the vision encoder
+    text_encoder: str = "bioclinicalbert"  # tiny | minilm | bioclinicalbert | a local folder
+    max_tokens: int = 128
+    dim: int = 256  # fusion width C
+    grid: tuple[int, int, int] = (2, 8, 8)  # fusion grid G (d, h, w)
+    heads: int = 16  # MHSAF heads
+    fusion: str = "cross-self"  # one of FUSION_STRUCTURES
+    header_blocks: tuple[int, ...] = (6, 12, 24, 16)  # DenseNet-121
+    header_growth: int = 32
+    freeze_vision: bool = False
+    freeze_text: bool = False
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Named loss terms and their weights, plus the terms' hyper-parameters."""
+
+    terms: tuple[tuple[str, float], ...] = (("ce", 1.0), ("imima", 1.0), ("sdm", 1.0), ("mlm", 1.0))
+    temperature: float = 0.07  # tau of IMIMA and SDM
+    mlm_probability: float = 0.15
+
+
 @dataclass(frozen=True)
 class Profile:
     """A named set of sizes: the same code runs every profile."""
@@ -35,11 +67,27 @@ class Profile:
     name: str
     cohort: str  # name of a spec in data_synthetic/ (or a path)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
 
 
 PROFILES: dict[str, Profile] = {
-    "smoke": Profile("smoke", cohort="smoke", preprocess=PreprocessConfig(spatial_size=(16, 64, 64))),
-    "cpu": Profile("cpu", cohort="cpu", preprocess=PreprocessConfig(spatial_size=(32, 64, 64))),
+    "smoke": Profile(
+        "smoke",
+        cohort="smoke",
+        preprocess=PreprocessConfig(spatial_size=(16, 64, 64)),
+        model=ModelConfig(vision_depth=10, vision_widths=(8, 16, 32, 64), vision_no_max_pool=True,
+                          text_encoder="tiny", dim=32, grid=(2, 4, 4), heads=4,
+                          header_blocks=(2, 2, 2, 2), header_growth=8),
+    ),
+    "cpu": Profile(
+        "cpu",
+        cohort="cpu",
+        preprocess=PreprocessConfig(spatial_size=(32, 64, 64)),
+        model=ModelConfig(vision_depth=18, vision_widths=(16, 32, 64, 128), vision_no_max_pool=True,
+                          text_encoder="minilm", dim=64, grid=(4, 4, 4), heads=8,
+                          header_blocks=(6, 12, 24, 16), header_growth=16),
+    ),
     "paper": Profile(
         "paper",
         cohort="cpu",

@@ -1,0 +1,55 @@
+"""Classification heads: ICHPro's 1D DenseNet header and the masked-language-model head."""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.nets import DenseNet
+from torch import nn
+
+from ichpro.models.fusion import multi_head_attention
+
+
+class SequenceHeader(nn.Module):
+    """Linear projection of f_tbv to a 1D sequence, then MONAI ``DenseNet(spatial_dims=1)`` -> 2 logits.
+
+    The projection maps each grid position's C features to one value (a linear map C -> 1), so the
+    sequence is f_tbv's positions in (d, h, w) order. A dense map from all C·|grid| features would
+    cost 134 M parameters at the paper's size. With blocks (6, 12, 24, 16) and growth 32 the
+    header is DenseNet-121 (5.5 M parameters); its logits go to cross-entropy directly.
+    """
+
+    def __init__(self, dim: int, blocks: tuple[int, ...], growth: int):
+        super().__init__()
+        self.project = nn.Linear(dim, 1)
+        self.densenet = DenseNet(spatial_dims=1, in_channels=1, out_channels=2,
+                                 init_features=2 * growth, growth_rate=growth, block_config=blocks)
+
+    def forward(self, fused: torch.Tensor) -> torch.Tensor:
+        sequence = self.project(fused.flatten(2).transpose(1, 2)).transpose(1, 2)  # (B, 1, |grid|)
+        return self.densenet(sequence)
+
+
+class MLMHead(nn.Module):
+    """Cross-modal masked language modelling (IRRA's implicit relation reasoning, simplified).
+
+    The masked report's token states attend to the vision grid tokens (one cross-attention layer
+    with residual and LayerNorm), then a BERT-style transform predicts every token through the
+    text encoder's vocabulary (decoder tied to its word embeddings).
+    """
+
+    def __init__(self, hidden: int, dim: int, heads: int, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.heads = heads
+        self.to_dim = nn.Linear(hidden, dim)
+        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim)
+        self.transform = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.LayerNorm(hidden))
+        self.word_embeddings = word_embeddings
+        self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
+
+    def forward(self, masked_states: torch.Tensor, vision_tokens: torch.Tensor) -> torch.Tensor:
+        x = self.to_dim(masked_states)
+        k, v = self.kv(vision_tokens).chunk(2, dim=-1)
+        attended, _ = multi_head_attention(self.q(x), k, v, self.heads)
+        h = self.transform(self.norm(x + attended))
+        return h @ self.word_embeddings.weight.T + self.bias

@@ -1,0 +1,112 @@
+"""The assembled ICHPro model: encoders -> VRT/TRT -> fusion structure -> header, plus the outputs
+the VTMF loss needs (pooled embeddings, MLM logits) and every attention map."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ichpro.config import LossConfig, ModelConfig
+from ichpro.models.encoders import TextEncoder, VisionEncoder, freeze
+from ichpro.models.fusion import TRT, VRT, FusionStack, Grid, tokens
+from ichpro.models.heads import MLMHead, SequenceHeader
+
+
+@dataclass
+class ICHProOutput:
+    """What one forward pass returns."""
+
+    logits: torch.Tensor  # (B, 2)
+    vision_embedding: torch.Tensor  # (B, C) pooled, for the alignment losses
+    text_embedding: torch.Tensor  # (B, C)
+    fused: torch.Tensor  # f_tbv, the text-based vision representation (B, C, 2d, 2h, 2w)
+    attentions: dict[str, torch.Tensor]  # name -> (B, heads, queries, keys)
+    attention_grids: dict[str, Grid] = field(default_factory=dict)  # name -> grid of the keys
+    mlm_logits: torch.Tensor | None = None  # (B, L, vocabulary)
+    vision_logits: torch.Tensor | None = None  # unimodal heads (gradient-blending loss)
+    text_logits: torch.Tensor | None = None
+
+    def attention_volume(self, name: str, size: tuple[int, int, int]) -> torch.Tensor:
+        """Attention received by each grid position of map ``name``, up-sampled to ``size``.
+
+        Averaged over heads and queries and normalised to sum to 1 over the grid; returns
+        (B, *size). The fusion grid spans the whole model input, so ``size`` = the input's
+        (D, H, W) puts the map in the preprocessed CT's voxel space. For a joint (Self) map only
+        the vision half of the keys is kept; for CMAF's vision-to-text map the keys are the
+        text pseudo-volume's positions, which TRT aligns with the same grid.
+        """
+        grid = self.attention_grids[name]
+        received = self.attentions[name].float().mean(dim=(1, 2))[:, : math.prod(grid)]
+        received = received / received.sum(dim=1, keepdim=True)
+        volume = F.interpolate(received.reshape(-1, 1, *grid), size=size, mode="trilinear",
+                               align_corners=False)
+        return volume[:, 0]
+
+
+class ICHPro(nn.Module):
+    """3D cross-modal network: CT + report -> good/bad outcome logits (see ``ichpro.models``)."""
+
+    def __init__(self, cfg: ModelConfig, text_model: nn.Module, *, with_mlm: bool = True,
+                 with_unimodal_heads: bool = False):
+        super().__init__()
+        self.cfg = cfg
+        self.vision = VisionEncoder(cfg.vision_depth, cfg.vision_widths, cfg.vision_no_max_pool)
+        if cfg.vision_weights:
+            self.vision.load_weights(cfg.vision_weights)
+        self.text = TextEncoder(text_model)
+        hidden = self.text.hidden_size
+        self.vrt = VRT(self.vision.out_channels, cfg.dim, cfg.grid)
+        self.trt = TRT(hidden, cfg.dim, cfg.max_tokens, cfg.grid)
+        self.fusion = FusionStack(cfg.fusion, cfg.dim, cfg.heads, cfg.grid)
+        self.header = SequenceHeader(cfg.dim, cfg.header_blocks, cfg.header_growth)
+        self.vision_proj = nn.Linear(cfg.dim, cfg.dim)
+        self.text_proj = nn.Linear(hidden, cfg.dim)
+        self.mlm = MLMHead(hidden, cfg.dim, cfg.heads, self.text.word_embeddings) if with_mlm else None
+        self.unimodal = (nn.ModuleDict({"vision": nn.Linear(cfg.dim, 2), "text": nn.Linear(cfg.dim, 2)})
+                         if with_unimodal_heads else None)
+        if cfg.freeze_vision:
+            freeze(self.vision)
+        if cfg.freeze_text:
+            freeze(self.text)
+        self.train()
+
+    def train(self, mode: bool = True) -> ICHPro:
+        """Set train/eval mode; frozen encoders always stay in eval mode."""
+        super().train(mode)
+        for frozen, encoder in ((self.cfg.freeze_vision, self.vision), (self.cfg.freeze_text, self.text)):
+            if frozen:
+                encoder.eval()
+        return self
+
+    def forward(self, ct: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                mlm_input_ids: torch.Tensor | None = None, **_: object) -> ICHProOutput:
+        """Forward pass; extra batch entries (labels, ids, ...) are ignored."""
+        f_v = self.vision(ct)
+        f_t = self.text(input_ids, attention_mask)
+        v_grid = self.vrt(f_v)
+        t_grid = self.trt(f_t, attention_mask)
+        fused, attentions = self.fusion(v_grid, t_grid)
+        mask = attention_mask.unsqueeze(-1).to(f_t.dtype)
+        vision_embedding = self.vision_proj(v_grid.mean(dim=(2, 3, 4)))
+        text_embedding = self.text_proj((f_t * mask).sum(1) / mask.sum(1).clamp_min(1))
+        out = ICHProOutput(
+            logits=self.header(fused), vision_embedding=vision_embedding,
+            text_embedding=text_embedding, fused=fused, attentions=attentions,
+            attention_grids=self.fusion.map_grids,
+        )
+        if self.mlm is not None and mlm_input_ids is not None:
+            out.mlm_logits = self.mlm(self.text(mlm_input_ids, attention_mask), tokens(v_grid))
+        if self.unimodal is not None:
+            out.vision_logits = self.unimodal["vision"](vision_embedding)
+            out.text_logits = self.unimodal["text"](text_embedding)
+        return out
+
+
+def build_model(cfg: ModelConfig, text_model: nn.Module, loss: LossConfig | None = None) -> ICHPro:
+    """ICHPro with the branches its loss needs (MLM head for "mlm", unimodal heads for "blend")."""
+    names = {name for name, _ in (loss or LossConfig()).terms}
+    return ICHPro(cfg, text_model, with_mlm="mlm" in names, with_unimodal_heads="blend" in names)

@@ -1,0 +1,201 @@
+"""ICHPro model: shapes, parameter counts, gradients, the report matters, attention, determinism."""
+
+import copy
+from dataclasses import replace
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from ichpro.config import FUSION_STRUCTURES, LossConfig, get_profile
+from ichpro.errors import IchproError
+from ichpro.losses import CompositeLoss
+from ichpro.models import build_model
+from ichpro.models.encoders import VisionEncoder
+from ichpro.models.fusion import CMAF, FusionStack, SoftPool3d
+from ichpro.models.heads import SequenceHeader
+from ichpro.reports import Report, render
+from ichpro.text import load_text_backbone, mask_tokens, tokenize
+
+SMOKE = get_profile("smoke")
+REPORTS = [
+    render(Report(56, "Female", 45, 20, 13, "Conservative treatment", "Occipital hemorrhage", 0.5)),
+    render(Report(81, "Male", 120, 4, 5, "Craniotomy", "Left basal ganglia hemorrhage", 45.0)),
+    render(Report(67, "Male", 200, 30, 9, "Minimally invasive surgery", "Right thalamic hemorrhage", 15.0)),
+    render(Report(45, "Female", 60, 12, 15, "Conservative treatment", "Right cerebellar hemorrhage", 5.0)),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_text_backbone("tiny", reports=REPORTS * 5, seed=0)
+
+
+def make_batch(backbone, size=(16, 64, 64), seed=0, reports=REPORTS):
+    g = torch.Generator().manual_seed(seed)
+    batch = tokenize(backbone.tokenizer, reports, max_tokens=128)
+    batch["ct"] = torch.rand(len(reports), 1, *size, generator=g)
+    batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(batch["input_ids"], backbone.tokenizer,
+                                                              generator=g)
+    batch["labels"] = torch.tensor([0, 1, 1, 0][: len(reports)])
+    return batch
+
+
+def smoke_model(backbone, seed=0, **changes):
+    torch.manual_seed(seed)  # each model gets its own copy of the text encoder
+    return build_model(replace(SMOKE.model, **changes), copy.deepcopy(backbone.model), SMOKE.loss)
+
+
+@pytest.mark.parametrize("structure", FUSION_STRUCTURES)
+def test_shapes_and_attention_rows_for_every_structure(tiny, structure):
+    model = smoke_model(tiny, fusion=structure)
+    out = model(**make_batch(tiny))
+    dim, grid = SMOKE.model.dim, SMOKE.model.grid
+    assert out.logits.shape == (4, 2)
+    assert out.vision_embedding.shape == out.text_embedding.shape == (4, dim)
+    assert out.fused.shape == (4, dim, *(2 * g for g in grid))
+    assert out.mlm_logits.shape[:2] == make_batch(tiny)["input_ids"].shape
+    assert out.mlm_logits.shape[2] == len(tiny.tokenizer)
+    expected_blocks = {"self": 1, "cross": 2}  # maps per stage kind
+    assert len(out.attentions) == sum(expected_blocks[k] for k in structure.split("-"))
+    for name, weights in out.attentions.items():
+        assert torch.allclose(weights.sum(-1), torch.ones(()), atol=1e-5), name
+        volume = out.attention_volume(name, (16, 64, 64))
+        assert volume.shape == (4, 16, 64, 64) and torch.isfinite(volume).all()
+
+
+def test_cpu_profile_shapes():
+    cpu = get_profile("cpu")
+    bert = BertModel(BertConfig(vocab_size=100, hidden_size=384, num_hidden_layers=1,
+                                num_attention_heads=12, intermediate_size=64))
+    model = build_model(cpu.model, bert, cpu.loss).eval()
+    ids = torch.randint(5, 100, (1, 20))
+    with torch.no_grad():
+        out = model(torch.rand(1, 1, *cpu.preprocess.spatial_size), ids, torch.ones_like(ids))
+    assert out.logits.shape == (1, 2) and out.fused.shape == (1, 64, 8, 8, 8)
+
+
+def test_paper_profile_parameter_counts_and_shapes():
+    paper = get_profile("paper").model
+    vision = VisionEncoder(paper.vision_depth, paper.vision_widths, paper.vision_no_max_pool)
+    header = SequenceHeader(paper.dim, paper.header_blocks, paper.header_growth)
+    bert = BertModel(BertConfig(vocab_size=28996), add_pooling_layer=False)  # BioClinicalBERT's size
+    count = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
+    assert 45 < count(vision) < 47  # 3D ResNet-50
+    assert 5.3 < count(header.densenet) < 5.7  # 1D DenseNet-121
+    assert 107 < count(bert) < 110  # BERT-base
+    model = build_model(paper, bert).eval()
+    ids = torch.randint(5, 1000, (1, 12))
+    with torch.no_grad():  # the paper's 32 slices; a 128 x 128 plane keeps the test light
+        out = model(torch.rand(1, 1, 32, 128, 128), ids, torch.ones_like(ids))
+    assert out.logits.shape == (1, 2)
+    assert "stage2_mhsaf_self" in out.attentions and out.attentions["stage2_mhsaf_self"].shape[1] == 16
+
+
+def test_full_vtmf_loss_reaches_every_trainable_parameter(tiny):
+    model = smoke_model(tiny)
+    loss_fn = CompositeLoss.from_config(SMOKE.loss)
+    batch = make_batch(tiny)
+    out = model(**batch)
+    total, terms = loss_fn(labels=batch["labels"], logits=out.logits,
+                           vision_embedding=out.vision_embedding, text_embedding=out.text_embedding,
+                           mlm_logits=out.mlm_logits, mlm_labels=batch["mlm_labels"])
+    total.backward()
+    assert set(terms) == {"total", "ce", "imima", "sdm", "mlm"}
+    params = list(model.named_parameters()) + [(f"loss.{n}", p) for n, p in loss_fn.named_parameters()]
+    silent = [n for n, p in params if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    assert not silent, silent
+
+
+def test_the_report_and_the_ct_both_change_the_prediction(tiny):
+    model = smoke_model(tiny).eval()
+    batch = make_batch(tiny)
+    with torch.no_grad():
+        base = model(**batch)
+        edited = model(**make_batch(tiny, reports=[REPORTS[1], REPORTS[0], REPORTS[3], REPORTS[2]]))
+        blank = model(**{**batch, "ct": torch.zeros_like(batch["ct"])})
+    cmaf = "stage1_cmaf_text_to_vision"
+    assert not torch.allclose(base.logits, edited.logits)
+    assert not torch.allclose(base.attentions[cmaf], edited.attentions[cmaf])
+    assert not torch.allclose(base.logits, blank.logits)
+    assert not torch.allclose(base.attentions[cmaf], blank.attentions[cmaf])
+
+
+def test_same_seed_gives_identical_outputs(tiny):
+    batch = make_batch(tiny)
+    a = smoke_model(tiny, seed=3).eval()(**batch)
+    b = smoke_model(tiny, seed=3).eval()(**batch)
+    c = smoke_model(tiny, seed=4).eval()(**batch)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.mlm_logits, b.mlm_logits)
+    assert not torch.equal(a.logits, c.logits)
+
+
+def test_runs_under_bf16_autocast(tiny):
+    model = smoke_model(tiny).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**make_batch(tiny))
+    assert torch.isfinite(out.logits.float()).all()
+
+
+def test_softpool_matches_its_definition_by_brute_force():
+    x = torch.randn(2, 3, 4, 6, 2) * 5
+    pooled = SoftPool3d((2, 3, 1))(x)
+    assert pooled.shape == (2, 3, 2, 2, 2)
+    for b in range(2):
+        for c in range(3):
+            for i in range(2):
+                for j in range(2):
+                    for k in range(2):
+                        window = x[b, c, 2 * i:2 * i + 2, 3 * j:3 * j + 3, k:k + 1].flatten()
+                        expected = (window.exp() * window).sum() / window.exp().sum()
+                        assert torch.isclose(pooled[b, c, i, j, k], expected, atol=1e-5)
+    huge = SoftPool3d((2, 2, 2))(torch.full((1, 1, 2, 2, 2), 1000.0))
+    assert torch.isfinite(huge).all() and torch.allclose(huge, torch.tensor(1000.0))
+
+
+def test_cmaf_direction_weights_are_a_softmax_pair():
+    cmaf = CMAF(dim=8, heads=2, grid=(2, 2, 2))
+    assert torch.allclose(cmaf.direction.softmax(0).sum(), torch.tensor(1.0))
+    fused, maps = cmaf(torch.randn(1, 8, 2, 2, 2), torch.randn(1, 8, 2, 2, 2))
+    assert fused.shape == (1, 8, 2, 2, 2) and maps["vision_to_text"].shape == (1, 2, 1, 1)
+
+
+def test_frozen_encoders_get_no_gradient_and_stay_in_eval_mode(tiny):
+    model = smoke_model(tiny, freeze_vision=True, freeze_text=True)
+    model.train()
+    assert not model.vision.training and not model.text.training and model.fusion.training
+    out = model(**make_batch(tiny))
+    out.logits.sum().backward()
+    assert all(p.grad is None for p in model.vision.parameters())
+    assert all(p.grad is None for p in model.text.parameters())
+    assert model.header.project.weight.grad is not None
+
+
+def test_vision_weights_load_from_a_medicalnet_style_state_dict(tmp_path, tiny):
+    source = VisionEncoder(10, (8, 16, 32, 64), no_max_pool=True)
+    path = tmp_path / "medicalnet.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in source.resnet.state_dict().items()}}, path)
+    model = smoke_model(tiny, vision_weights=str(path))
+    for key, value in source.resnet.state_dict().items():
+        assert torch.equal(model.vision.resnet.state_dict()[key], value)
+    with pytest.raises(IchproError, match="not found"):
+        smoke_model(tiny, vision_weights=str(tmp_path / "missing.pth"))
+    torch.save({"unrelated": torch.zeros(3)}, tmp_path / "other.pth")
+    with pytest.raises(IchproError, match="no weight matching"):
+        smoke_model(tiny, vision_weights=str(tmp_path / "other.pth"))
+
+
+def test_bad_fusion_configuration_is_rejected():
+    with pytest.raises(IchproError, match="unknown fusion structure 'cross-cross-self'"):
+        FusionStack("cross-cross-self", 32, 4, (2, 4, 4))
+    with pytest.raises(IchproError, match="not divisible by 5 attention heads"):
+        FusionStack("cross-self", 32, 5, (2, 4, 4))
+
+
+def test_blend_loss_builds_unimodal_heads(tiny):
+    torch.manual_seed(0)
+    terms = LossConfig(terms=(("ce", 1.0), ("blend", 1.0)))
+    model = build_model(SMOKE.model, copy.deepcopy(tiny.model), terms)
+    out = model(**make_batch(tiny))
+    assert model.mlm is None and out.mlm_logits is None
+    assert out.vision_logits.shape == out.text_logits.shape == (4, 2)
