@@ -37,7 +37,7 @@ class ModelConfig:
 
     vision_depth: int = 50  # MONAI 3D ResNet depth: 10, 18, 34 or 50
     vision_widths: tuple[int, int, int, int] = (64, 128, 256, 512)  # block_inplanes
-    vision_no_max_pool: bool = False  # drop the stem's max-pool (small inputs keep a 4x4 map)
+    vision_no_max_pool: bool = False  # drop the stem's max-pool (small inputs keep an 8x8 map)
     vision_weights: str | None = None  # local state dict (e.g. MedicalNet) for the vision encoder
     text_encoder: str = "bioclinicalbert"  # tiny | minilm | bioclinicalbert | a local folder
     max_tokens: int = 128

@@ -666,3 +666,20 @@ def make_folds(labels: Sequence[int] | np.ndarray, n_splits: int = 5, seed: int 
     for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
         folds[held_out] = fold
     return folds
+
+
+def collate_batch(items: Sequence[Mapping[str, Any]], tokenizer: Any, max_tokens: int = 128,
+                  mlm_probability: float = 0.0, generator: torch.Generator | None = None
+                  ) -> dict[str, Any]:
+    """Stack dataset items into a model batch: ct, input_ids, attention_mask, labels, patient_id,
+    and with ``mlm_probability`` > 0 the masked report (mlm_input_ids, mlm_labels)."""
+    from ichpro.text import mask_tokens, tokenize
+
+    batch: dict[str, Any] = tokenize(tokenizer, [item["report"] for item in items], max_tokens)
+    batch["ct"] = torch.stack([torch.as_tensor(item["ct"]) for item in items])
+    batch["labels"] = torch.tensor([int(item["label"]) for item in items])
+    batch["patient_id"] = [item["patient_id"] for item in items]
+    if mlm_probability > 0:
+        batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(
+            batch["input_ids"], tokenizer, mlm_probability, generator)
+    return batch

@@ -19,7 +19,7 @@ RESNET_LAYERS = {10: ("basic", [1, 1, 1, 1]), 18: ("basic", [2, 2, 2, 2]),
 class VisionEncoder(nn.Module):
     """MONAI 3D ResNet returning its last feature map f_v (B, C_v, d, h, w) (``layer4``'s output).
 
-    ``no_max_pool`` drops the stem's max-pooling, so a small 64 × 64 input still yields a 4 × 4
+    ``no_max_pool`` drops the stem's max-pooling, so a small 64 × 64 input still yields an 8 × 8
     in-plane feature map; the paper's 512 × 512 input keeps it.
     """
 
