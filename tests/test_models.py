@@ -71,7 +71,8 @@ def test_cpu_profile_shapes():
     model = build_model(cpu.model, bert, cpu.loss).eval()
     ids = torch.randint(5, 100, (1, 20))
     with torch.no_grad():
-        out = model(torch.rand(1, 1, *cpu.preprocess.spatial_size), ids, torch.ones_like(ids))
+        out = model(ct=torch.rand(1, 1, *cpu.preprocess.spatial_size), input_ids=ids,
+                    attention_mask=torch.ones_like(ids))
     assert out.logits.shape == (1, 2) and out.fused.shape == (1, 64, 8, 8, 8)
 
 
@@ -87,13 +88,13 @@ def test_paper_profile_parameter_counts_and_shapes():
     model = build_model(paper, bert).eval()
     ids = torch.randint(5, 1000, (1, 12))
     with torch.no_grad():  # the paper's 32 slices; a 128 x 128 plane keeps the test light
-        out = model(torch.rand(1, 1, 32, 128, 128), ids, torch.ones_like(ids))
+        out = model(ct=torch.rand(1, 1, 32, 128, 128), input_ids=ids, attention_mask=torch.ones_like(ids))
     assert out.logits.shape == (1, 2)
     assert "stage2_mhsaf_self" in out.attentions and out.attentions["stage2_mhsaf_self"].shape[1] == 16
 
 
 def test_full_vtmf_loss_reaches_every_trainable_parameter(tiny):
-    model = smoke_model(tiny)
+    model = smoke_model(tiny, freeze_vision=False, freeze_text=False)  # the paper's end-to-end setting
     loss_fn = CompositeLoss.from_config(SMOKE.loss)
     batch = make_batch(tiny)
     out = model(**batch)
@@ -199,3 +200,15 @@ def test_blend_loss_builds_unimodal_heads(tiny):
     out = model(**make_batch(tiny))
     assert model.mlm is None and out.mlm_logits is None
     assert out.vision_logits.shape == out.text_logits.shape == (4, 2)
+
+
+def test_precomputed_encoder_outputs_give_the_same_prediction(tiny):
+    model = smoke_model(tiny).eval()
+    batch = make_batch(tiny)
+    with torch.no_grad():
+        direct = model(**batch)
+        f_v, f_t = model.encode(batch["ct"], batch["input_ids"], batch["attention_mask"])
+        cached = model(attention_mask=batch["attention_mask"], vision_features=f_v, text_states=f_t,
+                       mlm_input_ids=batch["mlm_input_ids"])
+    assert torch.allclose(direct.logits, cached.logits, atol=1e-6)
+    assert torch.allclose(direct.mlm_logits, cached.mlm_logits, atol=1e-5)

@@ -82,11 +82,22 @@ class ICHPro(nn.Module):
                 encoder.eval()
         return self
 
-    def forward(self, ct: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                mlm_input_ids: torch.Tensor | None = None, **_: object) -> ICHProOutput:
-        """Forward pass; extra batch entries (labels, ids, ...) are ignored."""
-        f_v = self.vision(ct)
-        f_t = self.text(input_ids, attention_mask)
+    def encode(self, ct: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The encoders' outputs f_v (B, C_v, d, h, w) and f_t (B, L, H)."""
+        return self.vision(ct), self.text(input_ids, attention_mask)
+
+    def forward(self, attention_mask: torch.Tensor, ct: torch.Tensor | None = None,
+                input_ids: torch.Tensor | None = None, mlm_input_ids: torch.Tensor | None = None,
+                vision_features: torch.Tensor | None = None, text_states: torch.Tensor | None = None,
+                **_: object) -> ICHProOutput:
+        """Forward pass from a batch; extra entries (labels, ids, ...) are ignored.
+
+        Frozen encoders' outputs can be passed precomputed (``vision_features`` instead of ``ct``,
+        ``text_states`` instead of ``input_ids``); the MLM branch always re-encodes the masked report.
+        """
+        f_v = self.vision(ct) if vision_features is None else vision_features
+        f_t = self.text(input_ids, attention_mask) if text_states is None else text_states
         v_grid = self.vrt(f_v)
         t_grid = self.trt(f_t, attention_mask)
         fused, attentions = self.fusion(v_grid, t_grid)
