@@ -61,6 +61,22 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and cross-validation settings (the paper: Adam, lr 1e-4, batch 4, 300 epochs)."""
+
+    epochs: int = 300
+    batch_size: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    n_folds: int = 5
+    val_fraction: float = 0.2  # inner validation split of the training folds (checkpoint selection)
+    patience: int | None = None  # early stopping after this many epochs without improvement
+    grad_accumulation: int = 1
+    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | bf16 | fp16 | off
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass(frozen=True)
 class Profile:
     """A named set of sizes: the same code runs every profile."""
 
@@ -69,6 +85,7 @@ class Profile:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 PROFILES: dict[str, Profile] = {
@@ -78,7 +95,9 @@ PROFILES: dict[str, Profile] = {
         preprocess=PreprocessConfig(spatial_size=(16, 64, 64)),
         model=ModelConfig(vision_depth=10, vision_widths=(8, 16, 32, 64), vision_no_max_pool=True,
                           text_encoder="tiny", dim=32, grid=(2, 4, 4), heads=4,
-                          header_blocks=(2, 2, 2, 2), header_growth=8),
+                          header_blocks=(2, 2, 2, 2), header_growth=8, freeze_vision=True,
+                          freeze_text=True),
+        train=TrainConfig(epochs=4, batch_size=8, lr=1e-4),
     ),
     "cpu": Profile(
         "cpu",
@@ -86,7 +105,9 @@ PROFILES: dict[str, Profile] = {
         preprocess=PreprocessConfig(spatial_size=(32, 64, 64)),
         model=ModelConfig(vision_depth=18, vision_widths=(16, 32, 64, 128), vision_no_max_pool=True,
                           text_encoder="minilm", dim=64, grid=(4, 4, 4), heads=8,
-                          header_blocks=(6, 12, 24, 16), header_growth=16),
+                          header_blocks=(6, 12, 24, 16), header_growth=16, freeze_vision=True,
+                          freeze_text=True),
+        train=TrainConfig(epochs=30, batch_size=16, lr=3e-4, patience=8),
     ),
     "paper": Profile(
         "paper",

@@ -3,8 +3,8 @@
 The paper names the blocks but not their equations; the choices below are ours and are repeated in
 notebook 04 next to the code:
 
-* **VRT** (vision representation transform): a 1×1×1 convolution C_v → C and adaptive average
-  pooling of the last ResNet feature map to a fixed grid G = (d, h, w).
+* **VRT** (vision representation transform): a 1×1×1 convolution C_v → C with batch
+  normalisation and adaptive average pooling of the last ResNet feature map to a grid G = (d, h, w).
 * **TRT** (text representation transform): a linear map H → C on every token, then a learned
   token-mixing map L → |G| (padded tokens contribute nothing), reshaped to the grid: a text
   *pseudo-volume* aligned with the vision grid.
@@ -78,15 +78,18 @@ class SoftPool3d(nn.Module):
 
 
 class VRT(nn.Module):
-    """Vision representation transform: 1×1×1 conv C_v -> C, adaptive pooling to the grid."""
+    """Vision representation transform: 1×1×1 conv C_v -> C with batch normalisation, adaptive
+    pooling to the grid. The normalisation puts pretrained (often frozen) features on the scale
+    the fusion expects, whatever statistics the encoder's own BatchNorm layers carry."""
 
     def __init__(self, in_channels: int, dim: int, grid: Grid):
         super().__init__()
         self.project = nn.Conv3d(in_channels, dim, kernel_size=1)
+        self.norm = nn.BatchNorm3d(dim)
         self.pool = nn.AdaptiveAvgPool3d(grid)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.project(features))
+        return self.pool(self.norm(self.project(features)))
 
 
 class TRT(nn.Module):

@@ -12,20 +12,21 @@ from ichpro.models.fusion import multi_head_attention
 class SequenceHeader(nn.Module):
     """Linear projection of f_tbv to a 1D sequence, then MONAI ``DenseNet(spatial_dims=1)`` -> 2 logits.
 
-    The projection maps each grid position's C features to one value (a linear map C -> 1), so the
-    sequence is f_tbv's positions in (d, h, w) order. A dense map from all C·|grid| features would
-    cost 134 M parameters at the paper's size. With blocks (6, 12, 24, 16) and growth 32 the
+    f_tbv's grid positions, in (d, h, w) order, become the sequence; a linear map C -> C on every
+    position projects the features, which enter the DenseNet as C input channels. (Collapsing each
+    position to a single value loses most of the signal, and a dense map from all C·|grid| features
+    would cost 134 M parameters at the paper's size.) With blocks (6, 12, 24, 16) and growth 32 the
     header is DenseNet-121 (5.5 M parameters); its logits go to cross-entropy directly.
     """
 
     def __init__(self, dim: int, blocks: tuple[int, ...], growth: int):
         super().__init__()
-        self.project = nn.Linear(dim, 1)
-        self.densenet = DenseNet(spatial_dims=1, in_channels=1, out_channels=2,
+        self.project = nn.Linear(dim, dim)
+        self.densenet = DenseNet(spatial_dims=1, in_channels=dim, out_channels=2,
                                  init_features=2 * growth, growth_rate=growth, block_config=blocks)
 
     def forward(self, fused: torch.Tensor) -> torch.Tensor:
-        sequence = self.project(fused.flatten(2).transpose(1, 2)).transpose(1, 2)  # (B, 1, |grid|)
+        sequence = self.project(fused.flatten(2).transpose(1, 2)).transpose(1, 2)  # (B, C, |grid|)
         return self.densenet(sequence)
 
 
