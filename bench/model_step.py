@@ -23,7 +23,8 @@ from ichpro.models import build_model
 from ichpro.reports import Report, render
 from ichpro.text import load_text_backbone, mask_tokens, tokenize
 
-REPORT = render(Report(70, "Male", 90, 14, 9, "Conservative treatment", "Left basal ganglia hemorrhage", 35.0))
+REPORT = render(Report(70, "Male", 90, 14, 9, "Conservative treatment", "Left basal ganglia hemorrhage",
+                       35.0))
 
 
 def text_model(profile_name: str):
@@ -43,7 +44,8 @@ def measure(profile_name: str, batch_size: int, repeats: int) -> dict:
     if tokenizer is None:
         ids = torch.randint(1000, 28000, (batch_size, 60))
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        batch["mlm_input_ids"], batch["mlm_labels"] = ids.clone(), torch.where(torch.rand(ids.shape) < 0.15, ids, -100)
+        batch["mlm_input_ids"] = ids.clone()
+        batch["mlm_labels"] = torch.where(torch.rand(ids.shape) < 0.15, ids, -100)
     else:
         batch = tokenize(tokenizer, [REPORT] * batch_size)
         batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(batch["input_ids"], tokenizer,
@@ -66,7 +68,8 @@ def measure(profile_name: str, batch_size: int, repeats: int) -> dict:
     with torch.no_grad():
         forward = statistics.median(step(False) for _ in range(repeats))
     both = statistics.median(step(True) for _ in range(repeats))
-    return {"profile": profile_name, "batch": batch_size, "input": "x".join(map(str, profile.preprocess.spatial_size)),
+    size = "x".join(map(str, profile.preprocess.spatial_size))
+    return {"profile": profile_name, "batch": batch_size, "input": size,
             "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
             "forward_s": round(forward, 3), "forward_backward_s": round(both, 3),
             "peak_rss_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2)}

@@ -1,4 +1,5 @@
-"""The ``ichpro`` command line: ``ichpro synth | validate | reproduce`` (``--help`` on each)."""
+"""The ``ichpro`` command line: ``ichpro synth | validate | train | evaluate | reproduce``
+(``--help`` on each)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 import traceback
 from pathlib import Path
 
+from ichpro.config import FUSION_STRUCTURES
 from ichpro.errors import IchproError
 
 
@@ -51,6 +53,54 @@ def _validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _manifest_path(data: str) -> Path:
+    path = Path(data)
+    return path / "manifest.csv" if path.is_dir() else path
+
+
+def _train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from ichpro.config import get_profile
+    from ichpro.data import load_manifest
+    from ichpro.losses import parse_loss_spec
+    from ichpro.metrics import classification_metrics
+    from ichpro.train import cross_validate
+
+    profile = get_profile(args.profile)
+    model = profile.model if args.fusion is None else replace(profile.model, fusion=args.fusion)
+    loss = profile.loss if args.loss is None else replace(profile.loss, terms=parse_loss_spec(args.loss))
+    train = replace(profile.train, **{k: v for k, v in (
+        ("epochs", args.epochs), ("n_folds", args.folds), ("batch_size", args.batch_size),
+        ("lr", args.lr), ("device", args.device), ("amp", args.amp),
+        ("grad_accumulation", args.grad_accumulation)) if v is not None})
+    profile = replace(profile, model=model, loss=loss, train=train)
+    manifest = load_manifest(_manifest_path(args.data))
+    oof = cross_validate(profile, manifest, args.out, seed=args.seed, resume=args.resume,
+                         quiet=args.quiet, cache_dir=args.cache)
+    scores = classification_metrics(oof["label"], oof["p_bad"])
+    print(f"{len(oof)} out-of-fold predictions in {args.out}: AUC {scores['auc']:.3f}, "
+          f"accuracy {scores['accuracy']:.3f}, F1 {scores['f1']:.3f}")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from ichpro.metrics import metrics_table
+
+    path = Path(args.run) / "oof_predictions.csv"
+    if not path.is_file():
+        raise IchproError(f"{path} not found: train first (ichpro train ... --out {args.run})")
+    oof = pd.read_csv(path)
+    table = metrics_table(oof["label"], oof["p_bad"], n_boot=args.n_boot, seed=args.seed)
+    table.to_csv(Path(args.run) / "metrics_summary.csv", index=False)
+    print(f"{len(oof)} patients, {int(oof['label'].sum())} bad outcomes; 95 % bootstrap CIs "
+          f"({args.n_boot} replicates)")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    return 0
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     from ichpro.reproduce import run_notebooks
 
@@ -88,6 +138,36 @@ def build_parser() -> argparse.ArgumentParser:
                                    "every problem found (exit 1).")
     p.add_argument("manifest", help="path to manifest.csv")
     p.set_defaults(func=_validate)
+
+    p = sub.add_parser("train", help="cross-validate a model on a cohort or manifest",
+                       description="Patient-level stratified k-fold cross-validation; writes "
+                                   "oof_predictions.csv, metrics.csv, checkpoints and run.json to --out.")
+    p.add_argument("--profile", default="smoke", help="smoke, cpu or paper (default smoke)")
+    p.add_argument("--data", required=True, help="cohort folder (with manifest.csv) or a manifest CSV")
+    p.add_argument("--out", required=True, type=Path, help="run folder")
+    p.add_argument("--fusion", choices=FUSION_STRUCTURES, help="fusion structure (default cross-self)")
+    p.add_argument("--loss", help="loss terms, e.g. 'vtmf' or 'ce=1,imima=1,sdm=0.5,mlm=0.5'")
+    p.add_argument("--epochs", type=int, help="override the profile's epochs")
+    p.add_argument("--folds", type=int, help="override the number of folds (default 5)")
+    p.add_argument("--batch-size", type=int, help="batch size per process")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("--grad-accumulation", type=int, help="batches per optimizer step")
+    p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
+    p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), help="mixed precision")
+    p.add_argument("--seed", type=int, default=0, help="seed for folds, initialisation and training")
+    p.add_argument("--cache", type=Path, help="folder for preprocessed CTs (default: no disk cache)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="metrics with bootstrap CIs of a run's predictions",
+                       description="Accuracy, recall, precision, F1, AUC, balanced accuracy, "
+                                   "specificity, Brier score and ECE of a run's out-of-fold "
+                                   "predictions, with 95 % bootstrap CIs.")
+    p.add_argument("run", help="run folder written by ichpro train")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("reproduce", help="run the notebooks headless with papermill",
                        description="Execute notebooks/NN_*.ipynb in order into "

@@ -14,9 +14,10 @@ Every model uses eager attention so ``output_attentions=True`` returns the atten
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from ichpro.errors import IchproError
 
@@ -184,7 +186,8 @@ def _tiny(reports: Sequence[str] | None, save_dir: Path | None,
     model = _tiny_model(tokenizer, seed)
     if save_dir is not None:
         save_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(save_dir)
+        with _quiet_transformers():
+            model.save_pretrained(save_dir)
         tokenizer.save_pretrained(save_dir)
     return model, tokenizer
 
@@ -235,3 +238,13 @@ def _tiny_model(tokenizer: BertTokenizerFast, seed: int) -> BertModel:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return BertModel(config)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Hide transformers' progress bars (e.g. "Writing model shards") for one call."""
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()

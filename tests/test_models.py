@@ -212,3 +212,14 @@ def test_precomputed_encoder_outputs_give_the_same_prediction(tiny):
                        mlm_input_ids=batch["mlm_input_ids"])
     assert torch.allclose(direct.logits, cached.logits, atol=1e-6)
     assert torch.allclose(direct.mlm_logits, cached.mlm_logits, atol=1e-5)
+
+
+def test_ce_alone_builds_no_unused_branch(tiny):
+    torch.manual_seed(0)
+    model = build_model(replace(SMOKE.model, freeze_vision=False, freeze_text=False),
+                        copy.deepcopy(tiny.model), LossConfig(terms=(("ce", 1.0),)))
+    assert model.projections is None and model.mlm is None and model.unimodal is None
+    out = model(**make_batch(tiny))
+    assert out.vision_embedding is None
+    out.logits.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

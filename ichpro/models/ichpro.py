@@ -15,16 +15,19 @@ from ichpro.models.encoders import TextEncoder, VisionEncoder, freeze
 from ichpro.models.fusion import TRT, VRT, FusionStack, Grid, tokens
 from ichpro.models.heads import MLMHead, SequenceHeader
 
+#: loss terms that need the pooled vision and text embeddings
+ALIGNMENT_TERMS = {"imima", "sdm", "cmpm", "cmfa"}
+
 
 @dataclass
 class ICHProOutput:
     """What one forward pass returns."""
 
     logits: torch.Tensor  # (B, 2)
-    vision_embedding: torch.Tensor  # (B, C) pooled, for the alignment losses
-    text_embedding: torch.Tensor  # (B, C)
     fused: torch.Tensor  # f_tbv, the text-based vision representation (B, C, 2d, 2h, 2w)
     attentions: dict[str, torch.Tensor]  # name -> (B, heads, queries, keys)
+    vision_embedding: torch.Tensor | None = None  # (B, C) pooled, for the alignment losses
+    text_embedding: torch.Tensor | None = None  # (B, C)
     attention_grids: dict[str, Grid] = field(default_factory=dict)  # name -> grid of the keys
     mlm_logits: torch.Tensor | None = None  # (B, L, vocabulary)
     vision_logits: torch.Tensor | None = None  # unimodal heads (gradient-blending loss)
@@ -50,8 +53,8 @@ class ICHProOutput:
 class ICHPro(nn.Module):
     """3D cross-modal network: CT + report -> good/bad outcome logits (see ``ichpro.models``)."""
 
-    def __init__(self, cfg: ModelConfig, text_model: nn.Module, *, with_mlm: bool = True,
-                 with_unimodal_heads: bool = False):
+    def __init__(self, cfg: ModelConfig, text_model: nn.Module, *, with_embeddings: bool = True,
+                 with_mlm: bool = True, with_unimodal_heads: bool = False):
         super().__init__()
         self.cfg = cfg
         self.vision = VisionEncoder(cfg.vision_depth, cfg.vision_widths, cfg.vision_no_max_pool)
@@ -63,8 +66,10 @@ class ICHPro(nn.Module):
         self.trt = TRT(hidden, cfg.dim, cfg.max_tokens, cfg.grid)
         self.fusion = FusionStack(cfg.fusion, cfg.dim, cfg.heads, cfg.grid)
         self.header = SequenceHeader(cfg.dim, cfg.header_blocks, cfg.header_growth)
-        self.vision_proj = nn.Linear(cfg.dim, cfg.dim)
-        self.text_proj = nn.Linear(hidden, cfg.dim)
+        # only the branches the loss uses are built: every parameter then receives a gradient
+        self.projections = (nn.ModuleDict({"vision": nn.Linear(cfg.dim, cfg.dim),
+                                           "text": nn.Linear(hidden, cfg.dim)})
+                            if with_embeddings or with_unimodal_heads else None)
         self.mlm = MLMHead(hidden, cfg.dim, cfg.heads, self.text.word_embeddings) if with_mlm else None
         self.unimodal = (nn.ModuleDict({"vision": nn.Linear(cfg.dim, 2), "text": nn.Linear(cfg.dim, 2)})
                          if with_unimodal_heads else None)
@@ -101,23 +106,23 @@ class ICHPro(nn.Module):
         v_grid = self.vrt(f_v)
         t_grid = self.trt(f_t, attention_mask)
         fused, attentions = self.fusion(v_grid, t_grid)
-        mask = attention_mask.unsqueeze(-1).to(f_t.dtype)
-        vision_embedding = self.vision_proj(v_grid.mean(dim=(2, 3, 4)))
-        text_embedding = self.text_proj((f_t * mask).sum(1) / mask.sum(1).clamp_min(1))
-        out = ICHProOutput(
-            logits=self.header(fused), vision_embedding=vision_embedding,
-            text_embedding=text_embedding, fused=fused, attentions=attentions,
-            attention_grids=self.fusion.map_grids,
-        )
+        out = ICHProOutput(logits=self.header(fused), fused=fused, attentions=attentions,
+                           attention_grids=self.fusion.map_grids)
+        if self.projections is not None:
+            mask = attention_mask.unsqueeze(-1).to(f_t.dtype)
+            out.vision_embedding = self.projections["vision"](v_grid.mean(dim=(2, 3, 4)))
+            out.text_embedding = self.projections["text"]((f_t * mask).sum(1) / mask.sum(1).clamp_min(1))
         if self.mlm is not None and mlm_input_ids is not None:
             out.mlm_logits = self.mlm(self.text(mlm_input_ids, attention_mask), tokens(v_grid))
         if self.unimodal is not None:
-            out.vision_logits = self.unimodal["vision"](vision_embedding)
-            out.text_logits = self.unimodal["text"](text_embedding)
+            out.vision_logits = self.unimodal["vision"](out.vision_embedding)
+            out.text_logits = self.unimodal["text"](out.text_embedding)
         return out
 
 
 def build_model(cfg: ModelConfig, text_model: nn.Module, loss: LossConfig | None = None) -> ICHPro:
-    """ICHPro with the branches its loss needs (MLM head for "mlm", unimodal heads for "blend")."""
+    """ICHPro with the branches its loss needs: pooled embeddings for the alignment terms, the MLM
+    head for "mlm", unimodal heads for "blend"."""
     names = {name for name, _ in (loss or LossConfig()).terms}
-    return ICHPro(cfg, text_model, with_mlm="mlm" in names, with_unimodal_heads="blend" in names)
+    return ICHPro(cfg, text_model, with_embeddings=bool(names & ALIGNMENT_TERMS),
+                  with_mlm="mlm" in names, with_unimodal_heads="blend" in names)

@@ -1,0 +1,476 @@
+"""Training engine: fit one fold, patient-level cross-validation, checkpoints and resume, AMP, DDP.
+
+A run folder holds everything a run needs to be resumed and audited::
+
+    run.json                 config, seed, config hash, manifest checksum, versions, git commit
+    metrics.csv              one row per (fold, epoch): every loss term, validation loss and AUC
+    oof_predictions.csv      patient_id, fold, p_bad, label: every patient exactly once
+    fold{k}/last.safetensors, fold{k}/optimizer.safetensors, fold{k}/state.json   (each epoch)
+    fold{k}/best.safetensors                                                       (selected epoch)
+    fold{k}/predictions.csv                                                        (fold finished)
+
+Each fold re-initialises the model, selects its checkpoint on an inner validation split of its
+training patients (never on the test fold) and predicts its test fold with that checkpoint.
+Checkpoints are written atomically (temporary file, then rename) as safetensors plus JSON; nothing
+is ever unpickled. With frozen encoders (the smoke and cpu profiles) every patient is encoded once
+and the folds train only the fusion, header and loss-specific parts on those features.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from sklearn.model_selection import train_test_split
+from torch import nn
+from tqdm.auto import tqdm
+
+from ichpro.config import Profile
+from ichpro.data import config_hash, make_dataset, make_folds
+from ichpro.errors import IchproError
+from ichpro.losses import CompositeLoss
+from ichpro.metrics import classification_metrics
+from ichpro.models import ICHPro, build_model
+from ichpro.text import TextBackbone, load_text_backbone, mask_tokens, tokenize
+
+STATE_VERSION = 1
+
+
+# --------------------------------------------------------------------------- devices and precision
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` is the local CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise IchproError(f"device {name!r} asked for, but CUDA is not available; use --device cpu")
+    return device
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """Mixed precision: bf16 (or fp16 where bf16 is unsupported) on CUDA with ``auto``; opt-in bf16 on CPU."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return contextlib.nullcontext()
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if amp not in ("bf16", "fp16"):
+        raise IchproError(f"amp must be auto, bf16, fp16 or off, not {amp!r}")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Only rank 0 writes files and shows progress."""
+        return self.rank == 0
+
+
+def barrier(dist_info: Distributed) -> None:
+    """Wait for every rank (after rank 0 wrote files the others will read)."""
+    if dist_info.world > 1:
+        dist.barrier()
+
+
+def init_distributed(device: torch.device) -> Distributed:
+    """Join the process group that ``torchrun`` describes in the environment, if any."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return Distributed()
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size())
+
+
+# --------------------------------------------------------------------------- batches
+
+
+class BatchSource:
+    """Model batches for lists of patient indices: CT + tokens, or precomputed encoder outputs."""
+
+    def __init__(self, manifest: pd.DataFrame, profile: Profile, text: TextBackbone,
+                 cache_dir: Path | None):
+        self.labels = torch.tensor(manifest["label"].to_numpy(), dtype=torch.long)
+        self.patient_ids = manifest["patient_id"].astype(str).tolist()
+        self.tokens = tokenize(text.tokenizer, manifest["report"].tolist(), profile.model.max_tokens)
+        self.dataset = make_dataset(manifest, profile.preprocess, cache_dir)
+        self.features: dict[str, torch.Tensor] | None = None
+
+    def precompute(self, model: ICHPro, device: torch.device, batch_size: int, quiet: bool) -> None:
+        """Encode every patient once with the (frozen) encoders; later batches carry the features."""
+        model.eval()
+        vision, text = [], []
+        chunks = range(0, len(self.labels), batch_size)
+        with torch.no_grad():
+            for start in tqdm(chunks, desc="encoding patients", disable=quiet, leave=False):
+                idx = list(range(start, min(start + batch_size, len(self.labels))))
+                batch = self._inputs(idx, device)
+                f_v, f_t = model.encode(batch["ct"], batch["input_ids"], batch["attention_mask"])
+                vision.append(f_v.cpu())
+                text.append(f_t.cpu())
+        self.features = {"vision_features": torch.cat(vision), "text_states": torch.cat(text)}
+
+    def _inputs(self, idx: list[int], device: torch.device) -> dict[str, Any]:
+        batch = {k: v[idx].to(device) for k, v in self.tokens.items()}
+        batch["ct"] = torch.stack([self.dataset[i]["ct"] for i in idx]).to(device)
+        return batch
+
+    def batch(self, idx: list[int], device: torch.device) -> dict[str, Any]:
+        """The batch of patients ``idx`` (indices into the manifest)."""
+        if self.features is None:
+            batch = self._inputs(idx, device)
+        else:
+            batch = {k: v[idx].to(device) for k, v in self.tokens.items()}
+            batch.update({k: v[idx].to(device) for k, v in self.features.items()})
+        batch["labels"] = self.labels[idx].to(device)
+        return batch
+
+
+def batches(indices: np.ndarray, batch_size: int, generator: torch.Generator | None,
+            dist_info: Distributed = Distributed()) -> Iterator[list[int]]:
+    """Index batches: shuffled when a generator is given, each rank taking its share."""
+    if generator is not None:
+        indices = indices[torch.randperm(len(indices), generator=generator).numpy()]
+    global_batch = batch_size * dist_info.world
+    for start in range(0, len(indices), global_batch):
+        chunk = indices[start:start + global_batch]
+        share = chunk[dist_info.rank::dist_info.world]
+        if len(share):
+            yield share.tolist()
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically."""
+    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1, default=str) + "\n"))
+
+
+def frozen_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of frozen encoders: rebuilt from the seed or weights file, not saved."""
+    cfg = getattr(model, "cfg", None)
+    prefixes = ("vision.",) if cfg is not None and cfg.freeze_vision else ()
+    if cfg is not None and cfg.freeze_text:
+        prefixes += ("text.", "mlm.word_embeddings.")
+    return prefixes
+
+
+def save_weights(path: Path, module: nn.Module) -> None:
+    """Save a module's state dict as safetensors, atomically; frozen encoders and tied copies are left out."""
+    skip = frozen_prefixes(module)
+    state, seen = {}, set()
+    for key, value in module.state_dict().items():
+        if key.startswith(skip) or (value.numel() and value.data_ptr() in seen):
+            continue
+        seen.add(value.data_ptr())
+        state[key] = value.detach().cpu().contiguous().clone()
+    _atomic_write(path, lambda p: save_file(state, str(p)))
+
+
+def load_weights(path: Path, module: nn.Module) -> None:
+    """Load weights saved by :func:`save_weights` into a module built from the same config."""
+    missing, unexpected = module.load_state_dict(load_file(str(path)), strict=False)
+    skip = frozen_prefixes(module)
+    absent = [k for k in missing if not k.startswith(skip) and not k.endswith("word_embeddings.weight")]
+    if absent or unexpected:
+        raise IchproError(f"{path} does not fit this model: missing {absent[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}")
+
+
+def save_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimizer tensors to safetensors; returns the JSON-able rest (steps, hyper-parameters)."""
+    state = optimizer.state_dict()
+    tensors = {f"{idx}.{name}": value.detach().cpu().contiguous()
+               for idx, entry in state["state"].items() for name, value in entry.items()
+               if torch.is_tensor(value)}
+    _atomic_write(path, lambda p: save_file(tensors, str(p)))
+    return {"param_groups": state["param_groups"]}
+
+
+def load_optimizer(path: Path, meta: dict, optimizer: torch.optim.Optimizer) -> None:
+    """Restore an optimizer saved by :func:`save_optimizer`."""
+    entries: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(path)).items():
+        idx, name = key.split(".", 1)
+        entries.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": entries, "param_groups": meta["param_groups"]})
+
+
+def _rng_state() -> str:
+    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+
+
+def _set_rng_state(encoded: str) -> None:
+    raw = np.frombuffer(base64.b64decode(encoded), dtype=np.uint8).copy()
+    torch.set_rng_state(torch.from_numpy(raw))
+
+
+# --------------------------------------------------------------------------- one fold
+
+
+@dataclass
+class Fold:
+    """The patients of one fold: training, inner validation (checkpoint selection) and test."""
+
+    index: int
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+
+def split_folds(labels: np.ndarray, n_folds: int, val_fraction: float, seed: int) -> list[Fold]:
+    """Stratified test folds, each with a stratified inner validation split of its training part."""
+    folds = make_folds(labels, n_folds, seed)
+    result = []
+    for k in range(n_folds):
+        rest = np.flatnonzero(folds != k)
+        train, val = train_test_split(rest, test_size=val_fraction, stratify=labels[rest],
+                                      random_state=seed + k)
+        result.append(Fold(k, np.sort(train), np.sort(val), np.flatnonzero(folds == k)))
+    return result
+
+
+def _loss_inputs(out, batch: dict[str, Any]) -> dict[str, Any]:
+    return {"labels": batch["labels"], "logits": out.logits, "vision_embedding": out.vision_embedding,
+            "text_embedding": out.text_embedding, "mlm_logits": out.mlm_logits,
+            "mlm_labels": batch.get("mlm_labels"), "vision_logits": out.vision_logits,
+            "text_logits": out.text_logits}
+
+
+class FoldTrainer:
+    """Fits one fold with checkpoints every epoch; resumes from the fold folder if asked."""
+
+    def __init__(self, profile: Profile, source: BatchSource, text: TextBackbone, fold: Fold,
+                 folder: Path, device: torch.device, seed: int, dist_info: Distributed, quiet: bool):
+        self.profile, self.source, self.fold, self.folder = profile, source, fold, folder
+        self.device, self.seed, self.dist, self.quiet = device, seed, dist_info, quiet
+        self.tokenizer = text.tokenizer
+        # every fold starts from the same fresh initialisation, with its own copy of the text encoder
+        torch.manual_seed(seed)
+        self.model = build_model(profile.model, copy.deepcopy(text.model), profile.loss).to(device)
+        self.loss = CompositeLoss.from_config(profile.loss).to(device)
+        params = [p for p in [*self.model.parameters(), *self.loss.parameters()] if p.requires_grad]
+        self.optimizer = torch.optim.Adam(params, lr=profile.train.lr,
+                                          weight_decay=profile.train.weight_decay)
+        self.ddp_model: nn.Module = self.model
+        if dist_info.world > 1:
+            self.ddp_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.state: dict[str, Any] = {"epoch": 0, "best_epoch": 0, "best_score": -np.inf,
+                                      "stale": 0, "history": []}
+
+    # -- persistence
+    def resume(self) -> None:
+        """Continue from the last completed epoch saved in the fold folder, if any."""
+        state_path = self.folder / "state.json"
+        if not state_path.is_file():
+            return
+        state = json.loads(state_path.read_text())
+        load_weights(self.folder / "last.safetensors", self.model)
+        load_weights(self.folder / "loss.safetensors", self.loss)
+        load_optimizer(self.folder / "optimizer.safetensors", state.pop("optimizer"), self.optimizer)
+        _set_rng_state(state.pop("rng"))
+        self.state = state
+
+    def _checkpoint(self, improved: bool) -> None:
+        if not self.dist.is_main:
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        save_weights(self.folder / "last.safetensors", self.model)
+        save_weights(self.folder / "loss.safetensors", self.loss)
+        if improved:
+            save_weights(self.folder / "best.safetensors", self.model)
+        meta = save_optimizer(self.folder / "optimizer.safetensors", self.optimizer)
+        write_json(self.folder / "state.json", {**self.state, "optimizer": meta, "rng": _rng_state()})
+
+    # -- steps
+    def _train_epoch(self, epoch: int) -> dict[str, float]:
+        cfg = self.profile.train
+        self.ddp_model.train()
+        generator = torch.Generator().manual_seed(self.seed * 7919 + self.fold.index * 101 + epoch)
+        sums: dict[str, float] = {}
+        n = 0
+        steps = list(batches(self.fold.train, cfg.batch_size, generator, self.dist))
+        for i, idx in enumerate(tqdm(steps, desc=f"fold {self.fold.index} epoch {epoch}",
+                                     leave=False, disable=self.quiet or not self.dist.is_main)):
+            batch = self.source.batch(idx, self.device)
+            if self.loss.needs_mlm:
+                masked, labels = mask_tokens(batch["input_ids"].cpu(), self.tokenizer,
+                                             self.profile.loss.mlm_probability, generator)
+                batch["mlm_input_ids"], batch["mlm_labels"] = masked.to(self.device), labels.to(self.device)
+            with autocast(self.device, cfg.amp):
+                out = self.ddp_model(**batch)
+                total, terms = self.loss(**_loss_inputs(out, batch))
+            (total / cfg.grad_accumulation).backward()
+            if (i + 1) % cfg.grad_accumulation == 0 or i + 1 == len(steps):
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value * len(idx)
+            n += len(idx)
+        return {f"train_{k}": v / max(n, 1) for k, v in sums.items()}
+
+    @torch.no_grad()
+    def predict(self, indices: np.ndarray) -> np.ndarray:
+        """P(bad outcome) of the given patients with the current weights."""
+        self.model.eval()
+        probs = []
+        for idx in batches(indices, self.profile.train.batch_size, None):
+            with autocast(self.device, self.profile.train.amp):
+                logits = self.model(**self.source.batch(idx, self.device)).logits
+            probs.append(logits.float().softmax(dim=1)[:, 1].cpu())
+        return torch.cat(probs).double().numpy()
+
+    def _validate(self) -> dict[str, float]:
+        p = self.predict(self.fold.val)
+        labels = self.source.labels[self.fold.val].numpy()
+        eps = 1e-7
+        loss = -np.mean(labels * np.log(p + eps) + (1 - labels) * np.log(1 - p + eps))
+        auc = classification_metrics(labels, p)["auc"]
+        return {"val_loss": float(loss), "val_auc": float(auc)}
+
+    def fit(self, run_metrics: Path | None) -> pd.DataFrame:
+        """Train to the end (or early stop), then predict the test fold with the best checkpoint."""
+        cfg = self.profile.train
+        epochs = tqdm(range(self.state["epoch"] + 1, cfg.epochs + 1), desc=f"fold {self.fold.index}",
+                      leave=False, disable=self.quiet or not self.dist.is_main)
+        for epoch in epochs:
+            if cfg.patience is not None and self.state["stale"] >= cfg.patience:
+                break
+            start = time.perf_counter()
+            row = {"fold": self.fold.index, "epoch": epoch, **self._train_epoch(epoch), **self._validate()}
+            row["seconds"] = round(time.perf_counter() - start, 3)
+            score = row["val_auc"] if np.isfinite(row["val_auc"]) else -row["val_loss"]
+            improved = score > self.state["best_score"]
+            if improved:
+                self.state.update(best_epoch=epoch, best_score=score, stale=0)
+            else:
+                self.state["stale"] += 1
+            self.state["epoch"] = epoch
+            self.state["history"].append(row)
+            self._checkpoint(improved)
+            if run_metrics is not None and self.dist.is_main:
+                pd.DataFrame([row]).to_csv(run_metrics, mode="a", index=False,
+                                           header=not run_metrics.exists())
+        if (self.folder / "best.safetensors").is_file():
+            load_weights(self.folder / "best.safetensors", self.model)
+        return pd.DataFrame({
+            "patient_id": [self.source.patient_ids[i] for i in self.fold.test],
+            "fold": self.fold.index, "p_bad": self.predict(self.fold.test),
+            "label": self.source.labels[self.fold.test].numpy(),
+        })
+
+
+# --------------------------------------------------------------------------- cross-validation
+
+
+def manifest_checksum(manifest: pd.DataFrame) -> str:
+    """Checksum of the patients, labels and reports a run was trained on."""
+    text = manifest[["patient_id", "label", "report"]].to_csv(index=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_record(profile: Profile, manifest: pd.DataFrame, seed: int) -> dict[str, Any]:
+    """What identifies a run: its config (and hash), seed, data checksum, versions and commit."""
+    from ichpro.reproduce import versions
+
+    config = asdict(profile)
+    data = manifest_checksum(manifest)
+    return {"config": config, "seed": seed, "manifest_checksum": data,
+            "config_hash": config_hash({"config": config, "seed": seed, "data": data}),
+            "versions": versions()["version"].to_dict()}
+
+
+def cross_validate(profile: Profile, manifest: pd.DataFrame, run_dir: Path, *, seed: int = 0,
+                   resume: bool = False, quiet: bool = False, cache_dir: Path | None = None,
+                   text: TextBackbone | None = None) -> pd.DataFrame:
+    """Patient-level stratified k-fold CV of ``profile`` on ``manifest``; returns the OOF predictions.
+
+    ``resume`` continues an interrupted run in ``run_dir``: finished folds are reused, the current
+    fold restarts after its last saved epoch. A run folder of another config is refused.
+    """
+    run_dir = Path(run_dir)
+    device = resolve_device(profile.train.device)
+    dist_info = init_distributed(device)
+    record = run_record(profile, manifest, seed)
+    if dist_info.is_main:
+        _claim_run_dir(run_dir, record, resume)
+    barrier(dist_info)
+    if text is None:
+        text = load_text_backbone(profile.model.text_encoder, reports=manifest["report"].tolist(),
+                                  save_dir=run_dir / "text_encoder", seed=seed)
+    source = BatchSource(manifest, profile, text, cache_dir)
+    folds = split_folds(manifest["label"].to_numpy(), profile.train.n_folds,
+                        profile.train.val_fraction, seed)
+    metrics_path = run_dir / "metrics.csv"
+    predictions = []
+    for fold in tqdm(folds, desc="folds", disable=quiet or not dist_info.is_main):
+        done = run_dir / f"fold{fold.index}" / "predictions.csv"
+        if done.is_file():
+            predictions.append(pd.read_csv(done))
+            continue
+        trainer = FoldTrainer(profile, source, text, fold, run_dir / f"fold{fold.index}", device,
+                              seed, dist_info, quiet)
+        if source.features is None and profile.model.freeze_vision and profile.model.freeze_text:
+            source.precompute(trainer.model, device, profile.train.batch_size, quiet)
+        if resume:
+            trainer.resume()
+        fold_predictions = trainer.fit(metrics_path)
+        if dist_info.is_main:
+            _atomic_write(done, lambda p, df=fold_predictions: df.to_csv(p, index=False))
+        barrier(dist_info)
+        predictions.append(fold_predictions)
+    oof = pd.concat(predictions, ignore_index=True)
+    if dist_info.is_main:
+        _atomic_write(run_dir / "oof_predictions.csv", lambda p: oof.to_csv(p, index=False))
+    return oof
+
+
+def _claim_run_dir(run_dir: Path, record: dict, resume: bool) -> None:
+    """Write run.json, or check that a resumed run folder belongs to the same config."""
+    path = run_dir / "run.json"
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        if existing.get("config_hash") != record["config_hash"]:
+            raise IchproError(f"{run_dir} holds a run of another config (hash {existing.get('config_hash')} "
+                              f"!= {record['config_hash']}); use a new --out folder")
+        if not resume:
+            raise IchproError(f"{run_dir} already holds this run; pass --resume to continue it or "
+                              "use a new --out folder")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(path, record)

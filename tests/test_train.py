@@ -1,0 +1,157 @@
+"""Training engine: cross-validation outputs, fold hygiene, checkpoints, resume, DDP."""
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from ichpro import train as train_module
+from ichpro.config import get_profile
+from ichpro.data import load_manifest
+from ichpro.errors import IchproError
+from ichpro.metrics import classification_metrics
+from ichpro.train import cross_validate, split_folds
+
+SMOKE = get_profile("smoke")
+FAST = replace(SMOKE, train=replace(SMOKE.train, epochs=3, n_folds=3))
+
+
+@pytest.fixture(scope="module")
+def manifest(smoke_cohort):
+    return load_manifest(smoke_cohort / "manifest.csv")
+
+
+@pytest.fixture(scope="module")
+def ct_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("ct_cache")
+
+
+@pytest.fixture(scope="module")
+def finished_run(manifest, ct_cache, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    oof = cross_validate(FAST, manifest, run, seed=0, quiet=True, cache_dir=ct_cache)
+    return run, oof
+
+
+def test_every_patient_is_predicted_exactly_once(finished_run, manifest):
+    run, oof = finished_run
+    saved = pd.read_csv(run / "oof_predictions.csv")
+    assert list(saved.columns) == ["patient_id", "fold", "p_bad", "label"]
+    assert sorted(saved["patient_id"]) == sorted(manifest["patient_id"])
+    assert saved["p_bad"].between(0, 1).all() and set(saved["fold"]) == {0, 1, 2}
+    truth = manifest.set_index("patient_id")["label"]
+    assert (saved.set_index("patient_id")["label"] == truth.loc[saved["patient_id"]]).all()
+    np.testing.assert_allclose(saved["p_bad"], oof["p_bad"], rtol=1e-6)
+
+
+def test_run_folder_records_config_metrics_and_checkpoints(finished_run):
+    run, _ = finished_run
+    record = json.loads((run / "run.json").read_text())
+    assert record["seed"] == 0 and record["config"]["train"]["epochs"] == 3
+    assert {"git commit", "torch", "ichpro"} <= set(record["versions"])
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert len(metrics) == 3 * 3  # folds x epochs
+    expected = {"train_ce", "train_imima", "train_sdm", "train_mlm", "val_loss", "val_auc"}
+    assert expected <= set(metrics.columns)
+    for k in range(3):
+        folder = run / f"fold{k}"
+        assert {p.name for p in folder.iterdir()} >= {"best.safetensors", "last.safetensors",
+                                                      "optimizer.safetensors", "state.json",
+                                                      "predictions.csv"}
+        assert not list(folder.glob("*.tmp"))
+        assert json.loads((folder / "state.json").read_text())["epoch"] == 3
+
+
+def test_checkpoints_leave_out_frozen_encoders(finished_run):
+    from safetensors.torch import load_file
+
+    keys = load_file(str(finished_run[0] / "fold0" / "best.safetensors")).keys()
+    assert not any(k.startswith(("vision.", "text.")) for k in keys)
+    assert any(k.startswith("fusion.") for k in keys) and any(k.startswith("header.") for k in keys)
+
+
+def test_inner_validation_never_touches_the_test_fold():
+    labels = np.array([0, 1] * 60)
+    folds = split_folds(labels, n_folds=5, val_fraction=0.2, seed=3)
+    tested = np.concatenate([f.test for f in folds])
+    assert sorted(tested) == list(range(120))
+    for f in folds:
+        assert not set(f.val) & set(f.test) and not set(f.train) & set(f.test)
+        assert not set(f.train) & set(f.val)
+        assert len(f.train) + len(f.val) + len(f.test) == 120
+        assert abs(labels[f.val].mean() - 0.5) <= 0.05
+
+
+def test_resumed_run_predicts_exactly_like_an_uninterrupted_one(finished_run, manifest, ct_cache,
+                                                                 tmp_path, monkeypatch):
+    original = train_module.FoldTrainer._train_epoch
+
+    def crash_in_fold1_epoch2(self, epoch):
+        if self.fold.index == 1 and epoch == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, epoch)
+
+    monkeypatch.setattr(train_module.FoldTrainer, "_train_epoch", crash_in_fold1_epoch2)
+    with pytest.raises(KeyboardInterrupt):
+        cross_validate(FAST, manifest, tmp_path, seed=0, quiet=True, cache_dir=ct_cache)
+    assert (tmp_path / "fold0" / "predictions.csv").is_file()
+    assert json.loads((tmp_path / "fold1" / "state.json").read_text())["epoch"] == 1
+    monkeypatch.setattr(train_module.FoldTrainer, "_train_epoch", original)
+    fold0_before = (tmp_path / "fold0" / "predictions.csv").stat().st_mtime_ns
+    resumed = cross_validate(FAST, manifest, tmp_path, seed=0, quiet=True, cache_dir=ct_cache,
+                             resume=True)
+    assert (tmp_path / "fold0" / "predictions.csv").stat().st_mtime_ns == fold0_before  # not recomputed
+    pd.testing.assert_frame_equal(resumed, finished_run[1], check_exact=True)
+
+
+def test_a_run_folder_of_another_config_is_refused(finished_run, manifest):
+    other = replace(FAST, train=replace(FAST.train, lr=5e-4))
+    with pytest.raises(IchproError, match="another config"):
+        cross_validate(other, manifest, finished_run[0], resume=True, quiet=True)
+    with pytest.raises(IchproError, match="pass --resume"):
+        cross_validate(FAST, manifest, finished_run[0], quiet=True)
+
+
+def test_bf16_autocast_on_cpu_trains(manifest, ct_cache, tmp_path):
+    bf16 = replace(FAST, train=replace(FAST.train, epochs=1, n_folds=2, amp="bf16"))
+    oof = cross_validate(bf16, manifest, tmp_path, quiet=True, cache_dir=ct_cache)
+    assert len(oof) == len(manifest) and np.isfinite(oof["p_bad"]).all()
+
+
+def test_device_errors_are_clear():
+    if not torch.cuda.is_available():
+        with pytest.raises(IchproError, match="CUDA is not available"):
+            train_module.resolve_device("cuda")
+    assert train_module.resolve_device("cpu").type == "cpu"
+    with pytest.raises(IchproError, match="amp must be"):
+        train_module.autocast(torch.device("cpu"), "fp8")
+
+
+def _train_command(data, out, batch_size):
+    return ["-m", "ichpro", "train", "--profile", "smoke", "--data", str(data), "--out", str(out),
+            "--epochs", "2", "--folds", "2", "--loss", "ce", "--batch-size", str(batch_size), "--quiet"]
+
+
+def test_two_process_ddp_matches_a_single_process_run_of_the_same_global_batch(smoke_cohort, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", "29517"]
+    subprocess.run(torchrun + _train_command(smoke_cohort, tmp_path / "ddp", 4), check=True, env=env,
+                   capture_output=True, timeout=600)
+    subprocess.run([sys.executable] + _train_command(smoke_cohort, tmp_path / "single", 8), check=True,
+                   env=env, capture_output=True, timeout=600)
+    ddp = pd.read_csv(tmp_path / "ddp" / "oof_predictions.csv")
+    single = pd.read_csv(tmp_path / "single" / "oof_predictions.csv")
+    assert sorted(ddp["patient_id"]) == sorted(single["patient_id"])
+    auc_ddp = classification_metrics(ddp["label"], ddp["p_bad"])["auc"]
+    auc_single = classification_metrics(single["label"], single["p_bad"])["auc"]
+    # the same global batch; BatchNorm statistics are per process, so close but not identical
+    assert abs(auc_ddp - auc_single) < 0.1
+    first = [pd.read_csv(tmp_path / r / "metrics.csv").iloc[0]["train_ce"] for r in ("ddp", "single")]
+    assert first[0] == pytest.approx(first[1], rel=0.05)
