@@ -1,4 +1,4 @@
-"""The ``ichpro`` command line: ``ichpro synth | validate | train | evaluate | reproduce``
+"""The ``ichpro`` command line: ``ichpro synth | validate | train | evaluate | predict | reproduce``
 (``--help`` on each)."""
 
 from __future__ import annotations
@@ -101,6 +101,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from ichpro.predict import load_run, predict_patient, save_heatmap
+
+    run = load_run(args.checkpoint)
+    prediction = predict_patient(run, args.ct, args.report)
+    folds = ", ".join(f"{p:.3f}" for p in prediction.p_bad_per_fold)
+    print(f"P(bad outcome) = {prediction.p_bad:.3f} (mean of {len(run.models)} fold models: {folds})")
+    if args.heatmap:
+        for path in save_heatmap(prediction, args.heatmap):
+            print(f"wrote {path}")
+    return 0
+
+
 def _reproduce(args: argparse.Namespace) -> int:
     from ichpro.reproduce import run_notebooks
 
@@ -168,6 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="predict one patient with a trained run",
+                       description="Probability of a bad outcome for one CT and report, averaged "
+                                   "over the run's fold models; optionally an attention heat map "
+                                   "(NIfTI on the model-input grid, and a PNG overlay).")
+    p.add_argument("--checkpoint", required=True, help="run folder written by ichpro train")
+    p.add_argument("--ct", required=True, help="NIfTI file or DICOM series folder")
+    p.add_argument("--report", required=True, help="report text, or a text file holding it")
+    p.add_argument("--heatmap", type=Path, help="output prefix for <prefix>_attention.{nii.gz,png}")
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("reproduce", help="run the notebooks headless with papermill",
                        description="Execute notebooks/NN_*.ipynb in order into "

@@ -107,7 +107,7 @@ PROFILES: dict[str, Profile] = {
                           text_encoder="minilm", dim=64, grid=(4, 4, 4), heads=8,
                           header_blocks=(6, 12, 24, 16), header_growth=16, freeze_vision=True,
                           freeze_text=True),
-        train=TrainConfig(epochs=30, batch_size=16, lr=3e-4, patience=8),
+        train=TrainConfig(epochs=10, batch_size=16, lr=3e-4, patience=4),
     ),
     "paper": Profile(
         "paper",
@@ -122,3 +122,16 @@ def get_profile(name: str, **overrides) -> Profile:
     if name not in PROFILES:
         raise IchproError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}")
     return replace(PROFILES[name], **overrides)
+
+
+def _tuples(value):
+    """JSON lists back to the tuples the configs use."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+def profile_from_dict(record: dict) -> Profile:
+    """Rebuild a Profile from ``dataclasses.asdict(profile)`` (e.g. a run's run.json)."""
+    parts = {"preprocess": PreprocessConfig, "model": ModelConfig, "loss": LossConfig,
+             "train": TrainConfig}
+    fields_ = {k: cls(**{f: _tuples(v) for f, v in record[k].items()}) for k, cls in parts.items()}
+    return Profile(name=record["name"], cohort=record["cohort"], **fields_)

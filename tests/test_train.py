@@ -155,3 +155,39 @@ def test_two_process_ddp_matches_a_single_process_run_of_the_same_global_batch(s
     assert abs(auc_ddp - auc_single) < 0.1
     first = [pd.read_csv(tmp_path / r / "metrics.csv").iloc[0]["train_ce"] for r in ("ddp", "single")]
     assert first[0] == pytest.approx(first[1], rel=0.05)
+
+
+def test_predict_rebuilds_each_fold_model_exactly(finished_run, smoke_cohort, tmp_path):
+    from ichpro.predict import load_run, predict_patient, save_heatmap
+
+    run_dir, oof = finished_run
+    run = load_run(run_dir)
+    assert len(run.models) == 3
+    row = oof.iloc[0]
+    manifest = pd.read_csv(smoke_cohort / "manifest.csv").set_index("patient_id")
+    ct = smoke_cohort / manifest.loc[row["patient_id"], "ct_path"]
+    report = smoke_cohort / manifest.loc[row["patient_id"], "report_path"]
+    prediction = predict_patient(run, ct, str(report))
+    assert prediction.p_bad_per_fold[int(row["fold"])] == pytest.approx(row["p_bad"], abs=1e-5)
+    assert prediction.p_bad == pytest.approx(np.mean(prediction.p_bad_per_fold))
+    assert prediction.attention.shape == prediction.ct.shape == SMOKE.preprocess.spatial_size
+    cells = np.prod(run.models[0].fusion.map_grids["stage1_cmaf_text_to_vision"])
+    assert prediction.attention.mean() == pytest.approx(1 / cells, rel=0.01)  # shares sum to 1 over cells
+    nifti, png = save_heatmap(prediction, tmp_path / "patient")
+    assert nifti.is_file() and png.is_file()
+
+
+def test_predict_rejects_bad_inputs_clearly(finished_run, smoke_cohort, tmp_path):
+    from ichpro.errors import ImageError
+    from ichpro.predict import load_run, predict_patient
+
+    with pytest.raises(IchproError, match="not a run folder"):
+        load_run(tmp_path)
+    run = load_run(finished_run[0])
+    report = next((smoke_cohort / "reports").iterdir())
+    with pytest.raises(IchproError, match="not found"):
+        predict_patient(run, tmp_path / "missing.nii.gz", "Age: 60")
+    with pytest.raises(ImageError, match="cannot be read"):
+        predict_patient(run, report, "Age: 60")
+    with pytest.raises(IchproError, match="report is empty"):
+        predict_patient(run, next((smoke_cohort / "ct").glob("*[0-9].nii.gz")), "  ")
