@@ -7,7 +7,6 @@ selected weights. Frozen encoders are rebuilt exactly as in training (same seed,
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,9 @@ import torch
 from ichpro.config import Profile, profile_from_dict
 from ichpro.data import preprocess_transforms
 from ichpro.errors import IchproError
-from ichpro.models import ICHPro, build_model
+from ichpro.models import ICHPro
 from ichpro.text import TextBackbone, load_text_backbone, tokenize
-from ichpro.train import load_weights
+from ichpro.train import fresh_model, load_weights
 
 
 @dataclass
@@ -56,8 +55,7 @@ def load_run(run_dir: str | Path) -> TrainedRun:
         raise IchproError(f"{run_dir} has no trained fold yet (no fold*/best.safetensors)")
     models = []
     for path in checkpoints:
-        torch.manual_seed(seed)  # rebuilds frozen encoders exactly as training did
-        model = build_model(profile.model, copy.deepcopy(text.model), profile.loss)
+        model = fresh_model(profile, text, seed)
         load_weights(path, model)
         models.append(model.eval())
     return TrainedRun(profile, text, models)

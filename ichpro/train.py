@@ -271,6 +271,15 @@ def _loss_inputs(out, batch: dict[str, Any]) -> dict[str, Any]:
             "text_logits": out.text_logits}
 
 
+def fresh_model(profile: Profile, text: TextBackbone, seed: int) -> ICHPro:
+    """The model every fold starts from: seeded, with its own copy of the text encoder.
+
+    Frozen encoders are not checkpointed, so prediction rebuilds them through this same function.
+    """
+    torch.manual_seed(seed)
+    return build_model(profile.model, copy.deepcopy(text.model), profile.loss)
+
+
 class FoldTrainer:
     """Fits one fold with checkpoints every epoch; resumes from the fold folder if asked."""
 
@@ -279,9 +288,7 @@ class FoldTrainer:
         self.profile, self.source, self.fold, self.folder = profile, source, fold, folder
         self.device, self.seed, self.dist, self.quiet = device, seed, dist_info, quiet
         self.tokenizer = text.tokenizer
-        # every fold starts from the same fresh initialisation, with its own copy of the text encoder
-        torch.manual_seed(seed)
-        self.model = build_model(profile.model, copy.deepcopy(text.model), profile.loss).to(device)
+        self.model = fresh_model(profile, text, seed).to(device)
         self.loss = CompositeLoss.from_config(profile.loss).to(device)
         params = [p for p in [*self.model.parameters(), *self.loss.parameters()] if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=profile.train.lr,
