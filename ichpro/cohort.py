@@ -47,6 +47,7 @@ from ichpro.errors import CohortSpecError
 from ichpro.phantom import ImageSpec, Lesion, render_phantom, save_phantom
 from ichpro.reports import (
     KEYS,
+    POSITION_CATEGORIES,
     SEPARATORS,
     TREATMENTS,
     Report,
@@ -345,7 +346,6 @@ def report_styles(n: int, spec: ReportSpec, rng: np.random.Generator) -> list[Re
 
 def report_features(reports: list[Report], include_stay: bool = True) -> pd.DataFrame:
     """Numeric features of what the reports say (NaN where a field is missing)."""
-    categories = ("deep", "lobar", "cerebellar", "brainstem", "supratentorial", "infratentorial")
     rows = []
     for r in reports:
         cat = position_category(r.position)
@@ -353,7 +353,7 @@ def report_features(reports: list[Report], include_stay: bool = True) -> pd.Data
             "age": r.age, "male": None if r.sex is None else float(r.sex == "Male"),
             "onset_to_ct_min": r.onset_to_ct_min, "gcs": r.gcs, "volume_ml": r.volume_ml,
             "treatment": None if r.treatment is None else float(TREATMENTS.index(r.treatment)),
-            "position": None if cat is None else float(categories.index(cat)),
+            "position": None if cat is None else float(POSITION_CATEGORIES.index(cat)),
         }
         if include_stay:
             row["hospital_stay_days"] = r.hospital_stay_days

@@ -167,8 +167,9 @@ _POSITION_WORDS = (
     ("lobar", ("lobe", "lobar", "frontal", "parietal", "temporal", "occipital")),
     ("cerebellar", ("cerebell",)),
     ("brainstem", ("brainstem", "pons", "pontine", "midbrain", "medulla")),
-    ("infratentorial", ("infratentorial",)),
     ("supratentorial", ("supratentorial",)),
+    ("infratentorial", ("infratentorial",)),
 )
+POSITION_CATEGORIES = tuple(category for category, _ in _POSITION_WORDS)
 
 _EXAMPLE = Report(56, "Female", 45, 20, 13, TREATMENTS[0], "Occipital hemorrhage", 0.5)
