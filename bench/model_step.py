@@ -59,7 +59,7 @@ def measure(profile_name: str, batch_size: int, repeats: int) -> dict:
         if backward:
             total, _ = loss_fn(labels=labels, logits=out.logits, vision_embedding=out.vision_embedding,
                                text_embedding=out.text_embedding, mlm_logits=out.mlm_logits,
-                               mlm_labels=batch["mlm_labels"])
+                               mlm_labels=out.mlm_labels)
             total.backward()
             model.zero_grad(set_to_none=True)
         return time.perf_counter() - start

@@ -562,29 +562,49 @@ def _ichpro_cause(err: BaseException | None) -> IchproError | None:
     return err
 
 
-def _load_steps() -> dict[str, Transform]:
-    """Named steps that load a CT as a (1, x, y, z) HU MetaTensor in RAS orientation."""
-    return {
-        "load": LoadCTd(keys="ct"),
-        "channel_first": EnsureChannelFirstd(keys="ct"),
-        "check": CheckCTd(keys="ct"),
-        "orient_ras": Orientationd(keys="ct", axcodes="RAS", labels=RAS_LABELS),
-    }
+def _load_steps(keys: Sequence[str] = ("ct",)) -> dict[str, Transform]:
+    """Named steps that load a CT (and a label mask) as (1, x, y, z) MetaTensors in RAS orientation."""
+    steps = {"load": LoadCTd(keys=keys), "channel_first": EnsureChannelFirstd(keys=keys),
+             "check": CheckCTd(keys="ct")}
+    if "blood" in keys:
+        steps["split_labels"] = BloodChannelsd(key="blood")
+    steps["orient_ras"] = Orientationd(keys=keys, axcodes="RAS", labels=RAS_LABELS)
+    return steps
 
 
-def preprocess_steps(cfg: PreprocessConfig) -> dict[str, Transform]:
-    """The named preprocessing steps, in order (for notebooks showing each step's effect)."""
+class BloodChannelsd(Transform):
+    """Label mask (0 background, 1 haematoma, 2 intraventricular blood) -> two float channels."""
+
+    def __init__(self, key: str = "blood") -> None:
+        self.key = key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        labels = d[self.key][0]
+        d[self.key] = torch.stack([labels == 1, labels == 2]).float()
+        return d
+
+
+def preprocess_steps(cfg: PreprocessConfig, with_blood: bool = False) -> dict[str, Transform]:
+    """The named preprocessing steps, in order (for notebooks showing each step's effect).
+
+    ``with_blood`` also carries the label mask given as ``"blood"`` through every spatial step:
+    the result is a (2, D, H, W) float tensor on the model grid whose channels are the share of
+    each voxel that is parenchymal haematoma and intraventricular blood (area resizing averages
+    the merged voxels, so the total volume is kept).
+    """
     if (cfg.mean is None) != (cfg.std is None):
         raise IchproError("PreprocessConfig: set both mean and std for z-normalisation, or neither")
     lo, hi = cfg.hu_window
-    steps = _load_steps()
+    images = ["ct", "blood"] if with_blood else ["ct"]
+    steps = _load_steps(images)
     if cfg.skull_strip or cfg.crop_to_brain:
         steps["brain_mask"] = BrainMaskd(key="ct", mask_key="brain")
     if cfg.skull_strip:
         steps["skull_strip"] = SkullStripd(fill=lo, key="ct", mask_key="brain")
     if cfg.crop_to_brain:
         steps["crop_to_brain"] = CropForegroundd(
-            keys=["ct", "brain"], source_key="brain", start_coord_key=None, end_coord_key=None
+            keys=[*images, "brain"], source_key="brain", start_coord_key=None, end_coord_key=None
         )
     if cfg.skull_strip or cfg.crop_to_brain:
         steps["drop_mask"] = DeleteItemsd(keys="brain")
@@ -593,16 +613,19 @@ def preprocess_steps(cfg: PreprocessConfig) -> dict[str, Transform]:
     )
     if cfg.mean is not None:
         steps["normalize"] = NormalizeIntensityd(keys="ct", subtrahend=cfg.mean, divisor=cfg.std)
-    steps["to_model_axes"] = Orientationd(keys="ct", axcodes=MODEL_AXCODES, labels=RAS_LABELS)
+    steps["to_model_axes"] = Orientationd(keys=images, axcodes=MODEL_AXCODES, labels=RAS_LABELS)
     # area interpolation averages the voxels it merges: anti-aliased shrinking at little cost
-    steps["resize"] = Resized(keys="ct", spatial_size=cfg.spatial_size, mode="area")
-    steps["to_tensor"] = EnsureTyped(keys="ct", dtype=torch.float32, track_meta=False)
+    steps["resize"] = Resized(keys=images, spatial_size=cfg.spatial_size, mode="area")
+    steps["to_tensor"] = EnsureTyped(keys=images, dtype=torch.float32, track_meta=False)
     return steps
 
 
-def preprocess_transforms(cfg: PreprocessConfig) -> Compose:
-    """MONAI pipeline mapping {"ct": path} to a float32 (1, D, H, W) tensor; see the module docstring."""
-    return _Pipeline(list(preprocess_steps(cfg).values()))
+def preprocess_transforms(cfg: PreprocessConfig, with_blood: bool = False) -> Compose:
+    """MONAI pipeline mapping {"ct": path} to a float32 (1, D, H, W) tensor; see the module docstring.
+
+    With ``with_blood``, {"ct": path, "blood": mask path} also gives the (2, D, H, W) blood shares.
+    """
+    return _Pipeline(list(preprocess_steps(cfg, with_blood).values()))
 
 
 def load_ct(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -156,10 +156,15 @@ def sdm_loss(vision: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, tem
 
 @_float32
 def mlm_loss(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of logits (B, L, V) over the masked tokens (labels != -100); 0 if none."""
+    """Cross-entropy of logits (..., V) over the masked tokens (labels (...) != -100); 0 if none.
+
+    The model gives logits (N, V) at its N masked positions only; (B, L, V) with -100 labels at the
+    unmasked positions works too.
+    """
     if not (mlm_labels != -100).any():
         return _zero(mlm_logits)
-    return F.cross_entropy(mlm_logits.flatten(0, 1), mlm_labels.flatten().long(), ignore_index=-100)
+    return F.cross_entropy(mlm_logits.reshape(-1, mlm_logits.shape[-1]), mlm_labels.reshape(-1).long(),
+                           ignore_index=-100)
 
 
 @_float32

@@ -267,7 +267,7 @@ def split_folds(labels: np.ndarray, n_folds: int, val_fraction: float, seed: int
 def _loss_inputs(out, batch: dict[str, Any]) -> dict[str, Any]:
     return {"labels": batch["labels"], "logits": out.logits, "vision_embedding": out.vision_embedding,
             "text_embedding": out.text_embedding, "mlm_logits": out.mlm_logits,
-            "mlm_labels": batch.get("mlm_labels"), "vision_logits": out.vision_logits,
+            "mlm_labels": out.mlm_labels, "vision_logits": out.vision_logits,
             "text_logits": out.text_logits}
 
 

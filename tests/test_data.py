@@ -22,6 +22,7 @@ from ichpro.data import (
     load_manifest,
     make_dataset,
     make_folds,
+    preprocess_steps,
     preprocess_transforms,
     summarize_manifest,
 )
@@ -291,6 +292,31 @@ def test_ras_lps_and_dicom_give_identical_tensors(tmp_path: Path) -> None:
     # the front rows and the columns of the patient's right
     d, h, w = np.unravel_index(int(a[0].argmax()), a.shape[1:])
     assert d >= 8 and h < 32 and w < 32
+
+
+def test_blood_mask_follows_the_ct_and_keeps_its_volume(tmp_path: Path) -> None:
+    hu, affine = phantom()
+    labels = np.zeros(hu.shape, dtype=np.uint8)
+    labels[hu == BLOB_HU] = 1
+    labels[14:17, 14:17, 5] = 2
+    ct_path = save_nifti(tmp_path / "ct.nii.gz", hu, affine)
+    lps = nib.Nifti1Image(labels, affine).as_reoriented(RAS_TO_LPS)  # stored in another orientation
+    nib.save(lps, tmp_path / "mask.nii.gz")
+    blood = str(tmp_path / "mask.nii.gz")
+    out = preprocess_transforms(CFG, with_blood=True)({"ct": str(ct_path), "blood": blood})
+    assert out["blood"].shape == (2, *CFG.spatial_size) and out["blood"].dtype == torch.float32
+    assert torch.equal(out["ct"], preprocess_transforms(CFG)({"ct": str(ct_path)})["ct"])
+    cropped = {"ct": str(ct_path)}
+    for name, step in preprocess_steps(CFG).items():
+        cropped = step(cropped)
+        if name == "crop_to_brain":
+            break
+    voxels_per_cell = np.prod(cropped["ct"].shape[1:]) / np.prod(CFG.spatial_size)
+    volumes = out["blood"].sum(dim=(1, 2, 3)).numpy() * voxels_per_cell
+    # this small phantom is up-sampled (nearest-like rounding); shrinking a real CT averages exactly
+    np.testing.assert_allclose(volumes, [(labels == 1).sum(), (labels == 2).sum()], rtol=0.15)
+    # the haematoma share is highest where the CT shows the blob
+    assert out["ct"][0].flatten()[out["blood"][0].flatten().argmax()] > 0.1
 
 
 def test_load_ct_returns_hu_in_ras_order(tmp_path: Path) -> None:

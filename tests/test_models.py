@@ -54,8 +54,9 @@ def test_shapes_and_attention_rows_for_every_structure(tiny, structure):
     assert out.logits.shape == (4, 2)
     assert out.vision_embedding.shape == out.text_embedding.shape == (4, dim)
     assert out.fused.shape == (4, dim, *(2 * g for g in grid))
-    assert out.mlm_logits.shape[:2] == make_batch(tiny)["input_ids"].shape
-    assert out.mlm_logits.shape[2] == len(tiny.tokenizer)
+    masked = (make_batch(tiny)["mlm_labels"] != -100).sum().item()
+    assert out.mlm_logits.shape == (masked, len(tiny.tokenizer))  # decoded at masked positions only
+    assert out.mlm_labels.shape == (masked,) and (out.mlm_labels != -100).all()
     expected_blocks = {"self": 1, "cross": 2}  # maps per stage kind
     assert len(out.attentions) == sum(expected_blocks[k] for k in structure.split("-"))
     for name, weights in out.attentions.items():
@@ -100,7 +101,7 @@ def test_full_vtmf_loss_reaches_every_trainable_parameter(tiny):
     out = model(**batch)
     total, terms = loss_fn(labels=batch["labels"], logits=out.logits,
                            vision_embedding=out.vision_embedding, text_embedding=out.text_embedding,
-                           mlm_logits=out.mlm_logits, mlm_labels=batch["mlm_labels"])
+                           mlm_logits=out.mlm_logits, mlm_labels=out.mlm_labels)
     total.backward()
     assert set(terms) == {"total", "ce", "imima", "sdm", "mlm"}
     params = list(model.named_parameters()) + [(f"loss.{n}", p) for n, p in loss_fn.named_parameters()]
@@ -208,8 +209,9 @@ def test_precomputed_encoder_outputs_give_the_same_prediction(tiny):
     with torch.no_grad():
         direct = model(**batch)
         f_v, f_t = model.encode(batch["ct"], batch["input_ids"], batch["attention_mask"])
+        masked = model.text(batch["mlm_input_ids"], batch["attention_mask"])
         cached = model(attention_mask=batch["attention_mask"], vision_features=f_v, text_states=f_t,
-                       mlm_input_ids=batch["mlm_input_ids"])
+                       masked_text_states=masked, mlm_labels=batch["mlm_labels"])
     assert torch.allclose(direct.logits, cached.logits, atol=1e-6)
     assert torch.allclose(direct.mlm_logits, cached.mlm_logits, atol=1e-5)
 

@@ -34,8 +34,9 @@ class MLMHead(nn.Module):
     """Cross-modal masked language modelling (IRRA's implicit relation reasoning, simplified).
 
     The masked report's token states attend to the vision grid tokens (one cross-attention layer
-    with residual and LayerNorm), then a BERT-style transform predicts every token through the
-    text encoder's vocabulary (decoder tied to its word embeddings).
+    with residual and LayerNorm), then a BERT-style transform predicts the masked tokens through the
+    text encoder's vocabulary (decoder tied to its word embeddings). Only the masked positions are
+    decoded: the vocabulary projection is the head's largest cost (30k words at every position).
     """
 
     def __init__(self, hidden: int, dim: int, heads: int, word_embeddings: nn.Embedding):
@@ -48,9 +49,11 @@ class MLMHead(nn.Module):
         self.word_embeddings = word_embeddings
         self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
 
-    def forward(self, masked_states: torch.Tensor, vision_tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, masked_states: torch.Tensor, vision_tokens: torch.Tensor,
+                positions: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (N, V) of the N positions where the boolean ``positions`` (B, L) is set."""
         x = self.to_dim(masked_states)
         k, v = self.kv(vision_tokens).chunk(2, dim=-1)
         attended, _ = multi_head_attention(self.q(x), k, v, self.heads)
-        h = self.transform(self.norm(x + attended))
+        h = self.transform(self.norm(x + attended)[positions])
         return h @ self.word_embeddings.weight.T + self.bias

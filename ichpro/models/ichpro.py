@@ -14,6 +14,7 @@ from ichpro.config import LossConfig, ModelConfig
 from ichpro.models.encoders import TextEncoder, VisionEncoder, freeze
 from ichpro.models.fusion import TRT, VRT, FusionStack, Grid, tokens
 from ichpro.models.heads import MLMHead, SequenceHeader
+from ichpro.text import IGNORE_INDEX
 
 #: loss terms that need the pooled vision and text embeddings
 ALIGNMENT_TERMS = {"imima", "sdm", "cmpm", "cmfa"}
@@ -29,7 +30,8 @@ class ICHProOutput:
     vision_embedding: torch.Tensor | None = None  # (B, C) pooled, for the alignment losses
     text_embedding: torch.Tensor | None = None  # (B, C)
     attention_grids: dict[str, Grid] = field(default_factory=dict)  # name -> grid of the keys
-    mlm_logits: torch.Tensor | None = None  # (B, L, vocabulary)
+    mlm_logits: torch.Tensor | None = None  # (N, vocabulary) at the N masked positions
+    mlm_labels: torch.Tensor | None = None  # (N,) the original tokens there
     vision_logits: torch.Tensor | None = None  # unimodal heads (gradient-blending loss)
     text_logits: torch.Tensor | None = None
 
@@ -94,12 +96,15 @@ class ICHPro(nn.Module):
 
     def forward(self, attention_mask: torch.Tensor, ct: torch.Tensor | None = None,
                 input_ids: torch.Tensor | None = None, mlm_input_ids: torch.Tensor | None = None,
-                vision_features: torch.Tensor | None = None, text_states: torch.Tensor | None = None,
+                mlm_labels: torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
+                text_states: torch.Tensor | None = None, masked_text_states: torch.Tensor | None = None,
                 **_: object) -> ICHProOutput:
         """Forward pass from a batch; extra entries (labels, ids, ...) are ignored.
 
         Frozen encoders' outputs can be passed precomputed (``vision_features`` instead of ``ct``,
-        ``text_states`` instead of ``input_ids``); the MLM branch always re-encodes the masked report.
+        ``text_states`` instead of ``input_ids``, ``masked_text_states`` instead of
+        ``mlm_input_ids``). The MLM branch runs when a masked report and its ``mlm_labels``
+        (original token at masked positions, -100 elsewhere) are given.
         """
         f_v = self.vision(ct) if vision_features is None else vision_features
         f_t = self.text(input_ids, attention_mask) if text_states is None else text_states
@@ -112,8 +117,12 @@ class ICHPro(nn.Module):
             mask = attention_mask.unsqueeze(-1).to(f_t.dtype)
             out.vision_embedding = self.projections["vision"](v_grid.mean(dim=(2, 3, 4)))
             out.text_embedding = self.projections["text"]((f_t * mask).sum(1) / mask.sum(1).clamp_min(1))
-        if self.mlm is not None and mlm_input_ids is not None:
-            out.mlm_logits = self.mlm(self.text(mlm_input_ids, attention_mask), tokens(v_grid))
+        if masked_text_states is None and mlm_input_ids is not None:
+            masked_text_states = self.text(mlm_input_ids, attention_mask)
+        if self.mlm is not None and masked_text_states is not None and mlm_labels is not None:
+            positions = mlm_labels != IGNORE_INDEX
+            out.mlm_logits = self.mlm(masked_text_states, tokens(v_grid), positions)
+            out.mlm_labels = mlm_labels[positions]
         if self.unimodal is not None:
             out.vision_logits = self.unimodal["vision"](out.vision_embedding)
             out.text_logits = self.unimodal["text"](out.text_embedding)
