@@ -58,6 +58,7 @@ class LossConfig:
     terms: tuple[tuple[str, float], ...] = (("ce", 1.0), ("imima", 1.0), ("sdm", 1.0), ("mlm", 1.0))
     temperature: float = 0.07  # tau of IMIMA and SDM
     mlm_probability: float = 0.15
+    mlm_variants: int = 4  # masked copies of each report encoded once when the text encoder is frozen
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from ichpro.config import Profile
 from ichpro.data import config_hash, make_dataset, make_folds
 from ichpro.errors import IchproError
+from ichpro.features import cache_key, cached, files_digest, tensors_digest, weights_digest
 from ichpro.losses import CompositeLoss
 from ichpro.metrics import classification_metrics
 from ichpro.models import ICHPro, build_model
@@ -113,42 +114,86 @@ def init_distributed(device: torch.device) -> Distributed:
 
 
 class BatchSource:
-    """Model batches for lists of patient indices: CT + tokens, or precomputed encoder outputs."""
+    """Model batches for lists of patient indices: CT + tokens, or the frozen encoders' outputs.
+
+    After :meth:`precompute`, a frozen vision encoder's feature maps replace the CTs and a frozen
+    text encoder's token states (and masked-report variants for MLM) replace the reports; see
+    :mod:`ichpro.features` for the disk cache.
+    """
 
     def __init__(self, manifest: pd.DataFrame, profile: Profile, text: TextBackbone,
                  cache_dir: Path | None):
+        self.profile, self.tokenizer = profile, text.tokenizer
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.labels = torch.tensor(manifest["label"].to_numpy(), dtype=torch.long)
         self.patient_ids = manifest["patient_id"].astype(str).tolist()
+        self.ct_paths = manifest["ct_path"].astype(str).tolist()
         self.tokens = tokenize(text.tokenizer, manifest["report"].tolist(), profile.model.max_tokens)
-        self.dataset = make_dataset(manifest, profile.preprocess, cache_dir)
-        self.features: dict[str, torch.Tensor] | None = None
+        self.dataset = make_dataset(manifest, profile.preprocess,
+                                    None if cache_dir is None else self.cache_dir / "ct")
+        self.features: dict[str, torch.Tensor] = {}  # batch key -> (N, ...) per patient
+        self.masked: dict[str, torch.Tensor] = {}  # masked_text_states, mlm_labels: (variants, N, ...)
+        self.cache_hits: dict[str, bool] = {}
 
-    def precompute(self, model: ICHPro, device: torch.device, batch_size: int, quiet: bool) -> None:
-        """Encode every patient once with the (frozen) encoders; later batches carry the features."""
+    @property
+    def precomputed(self) -> bool:
+        """Whether the frozen encoders' outputs are in place."""
+        return bool(self.features)
+
+    @torch.no_grad()
+    def precompute(self, model: ICHPro, device: torch.device, batch_size: int, seed: int,
+                   quiet: bool = False) -> None:
+        """Encode every patient once with the model's frozen encoders (from the disk cache if there)."""
         model.eval()
-        vision, text = [], []
-        chunks = range(0, len(self.labels), batch_size)
-        with torch.no_grad():
-            for start in tqdm(chunks, desc="encoding patients", disable=quiet, leave=False):
-                idx = list(range(start, min(start + batch_size, len(self.labels))))
-                batch = self._inputs(idx, device)
-                f_v, f_t = model.encode(batch["ct"], batch["input_ids"], batch["attention_mask"])
-                vision.append(f_v.cpu())
-                text.append(f_t.cpu())
-        self.features = {"vision_features": torch.cat(vision), "text_states": torch.cat(text)}
+        cfg, n = self.profile.model, len(self.labels)
+        chunks = [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
 
-    def _inputs(self, idx: list[int], device: torch.device) -> dict[str, Any]:
-        batch = {k: v[idx].to(device) for k, v in self.tokens.items()}
-        batch["ct"] = torch.stack([self.dataset[i]["ct"] for i in idx]).to(device)
-        return batch
+        def encode(name: str, fn) -> torch.Tensor:
+            return torch.cat([fn(idx).cpu() for idx in tqdm(chunks, desc=f"encoding {name}",
+                                                            disable=quiet, leave=False)])
 
-    def batch(self, idx: list[int], device: torch.device) -> dict[str, Any]:
-        """The batch of patients ``idx`` (indices into the manifest)."""
-        if self.features is None:
-            batch = self._inputs(idx, device)
-        else:
-            batch = {k: v[idx].to(device) for k, v in self.tokens.items()}
-            batch.update({k: v[idx].to(device) for k, v in self.features.items()})
+        def feature_maps(idx: list[int]) -> torch.Tensor:
+            return model.vision(torch.stack([self.dataset[i]["ct"] for i in idx]).to(device))
+
+        if cfg.freeze_vision:
+            key = cache_key("vision", weights=weights_digest(model.vision),
+                            preprocess=asdict(self.profile.preprocess), cts=files_digest(self.ct_paths))
+            self._store(self.features, key, lambda: {"vision_features": encode("CTs", feature_maps)})
+        if not cfg.freeze_text:
+            return
+        text_weights = weights_digest(model.text)
+        ids, mask = self.tokens["input_ids"], self.tokens["attention_mask"]
+
+        def states(input_ids: torch.Tensor) -> torch.Tensor:
+            return encode("reports", lambda idx: model.text(input_ids[idx].to(device), mask[idx].to(device)))
+
+        key = cache_key("text", weights=text_weights, tokens=tensors_digest([ids, mask]))
+        self._store(self.features, key, lambda: {"text_states": states(ids)})
+        if model.mlm is not None:
+            generator = torch.Generator().manual_seed(seed)
+            variants = [mask_tokens(ids, self.tokenizer, self.profile.loss.mlm_probability, generator)
+                        for _ in range(self.profile.loss.mlm_variants)]
+            masked_ids = torch.stack([v[0] for v in variants])
+            self.masked["mlm_labels"] = torch.stack([v[1] for v in variants])
+            key = cache_key("masked", weights=text_weights, tokens=tensors_digest([masked_ids, mask]))
+            self._store(self.masked, key, lambda: {"masked_text_states": torch.stack(
+                [states(variant) for variant in masked_ids])})
+
+    def _store(self, into: dict[str, torch.Tensor], key: str, compute) -> None:
+        tensors, self.cache_hits[key.split("-")[0]] = cached(self.cache_dir, key, compute)
+        into.update(tensors)
+
+    def batch(self, idx: list[int], device: torch.device, epoch: int | None = None) -> dict[str, Any]:
+        """The batch of patients ``idx`` (indices into the manifest).
+
+        With cached masked-report variants, ``epoch`` (from 1) picks the variant the MLM term uses.
+        """
+        batch = {k: v[idx].to(device) for k, v in {**self.tokens, **self.features}.items()}
+        if "vision_features" not in batch:
+            batch["ct"] = torch.stack([self.dataset[i]["ct"] for i in idx]).to(device)
+        if self.masked and epoch is not None:
+            variant = (epoch - 1) % self.profile.loss.mlm_variants
+            batch.update({k: v[variant, idx].to(device) for k, v in self.masked.items()})
         batch["labels"] = self.labels[idx].to(device)
         return batch
 
@@ -334,8 +379,8 @@ class FoldTrainer:
         steps = list(batches(self.fold.train, cfg.batch_size, generator, self.dist))
         for i, idx in enumerate(tqdm(steps, desc=f"fold {self.fold.index} epoch {epoch}",
                                      leave=False, disable=self.quiet or not self.dist.is_main)):
-            batch = self.source.batch(idx, self.device)
-            if self.loss.needs_mlm:
+            batch = self.source.batch(idx, self.device, epoch)
+            if self.loss.needs_mlm and "masked_text_states" not in batch:
                 masked, labels = mask_tokens(batch["input_ids"].cpu(), self.tokenizer,
                                              self.profile.loss.mlm_probability, generator)
                 batch["mlm_input_ids"], batch["mlm_labels"] = masked.to(self.device), labels.to(self.device)
@@ -452,8 +497,9 @@ def cross_validate(profile: Profile, manifest: pd.DataFrame, run_dir: Path, *, s
             continue
         trainer = FoldTrainer(profile, source, text, fold, run_dir / f"fold{fold.index}", device,
                               seed, dist_info, quiet)
-        if source.features is None and profile.model.freeze_vision and profile.model.freeze_text:
-            source.precompute(trainer.model, device, profile.train.batch_size, quiet)
+        frozen = profile.model.freeze_vision or profile.model.freeze_text
+        if frozen and not source.precomputed:
+            source.precompute(trainer.model, device, profile.train.batch_size, seed, quiet)
         if resume:
             trainer.resume()
         fold_predictions = trainer.fit(metrics_path)

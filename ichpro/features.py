@@ -1,0 +1,83 @@
+"""Frozen encoders' outputs, computed once and cached on disk.
+
+When an encoder is frozen its output for a patient never changes, so a fit only needs it once. The
+outputs are cached as safetensors under ``<cache>/features/`` with a key (sha256) over everything
+that determines them:
+
+* vision feature maps: the encoder's weights (their bytes), the preprocessing config and the
+  contents of every CT file;
+* text token states: the encoder's weights and the token ids (reports, tokenizer, ``max_tokens``);
+* masked-report states for the MLM term: the same, plus the masked token ids of every variant.
+
+A frozen text encoder gives the same states for the same masked report, so instead of re-encoding
+freshly masked reports at every step the MLM term uses a fixed set of ``mlm_variants`` masked
+copies of each report (drawn once from the run's seed), one variant per epoch in turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FEATURES_VERSION = 1
+
+
+def weights_digest(module: nn.Module) -> str:
+    """sha256 of a module's parameters and buffers (names, shapes, dtypes and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(_bytes(tensor))
+    return digest.hexdigest()
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def files_digest(paths: Iterable[str | Path]) -> str:
+    """sha256 of the contents of files (a folder counts as its files, in name order)."""
+    digest = hashlib.sha256()
+    for path in map(Path, paths):
+        for file in sorted(path.iterdir()) if path.is_dir() else [path]:
+            if file.is_file():
+                with open(file, "rb") as handle:
+                    digest.update(hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()
+
+
+def tensors_digest(tensors: Iterable[torch.Tensor]) -> str:
+    """sha256 of tensors' bytes."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(_bytes(tensor))
+    return digest.hexdigest()
+
+
+def cache_key(kind: str, **parts: object) -> str:
+    """Key of one cache entry: a hash of its kind, the module version and its parts."""
+    text = json.dumps({"kind": kind, "version": FEATURES_VERSION, **parts}, sort_keys=True, default=str)
+    return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
+
+
+def cached(cache_dir: Path | None, key: str, compute: Callable[[], dict[str, torch.Tensor]]
+           ) -> tuple[dict[str, torch.Tensor], bool]:
+    """The tensors stored under ``key``, computed (and stored) when absent; also says whether it was a hit."""
+    if cache_dir is None:
+        return compute(), False
+    path = Path(cache_dir) / "features" / f"{key}.safetensors"
+    if path.is_file():
+        return load_file(str(path)), True
+    tensors = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks of a torchrun job may race
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+    return tensors, False
