@@ -1,5 +1,5 @@
-"""The ``ichpro`` command line: ``ichpro synth | validate | train | evaluate | predict | reproduce``
-(``--help`` on each)."""
+"""The ``ichpro`` command line: ``ichpro synth | validate | pretrain-vision | train | evaluate | predict |
+reproduce`` (``--help`` on each)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 import traceback
 from pathlib import Path
 
-from ichpro.config import FUSION_STRUCTURES
+from ichpro.config import FUSION_STRUCTURES, cache_root
 from ichpro.errors import IchproError
 
 
@@ -58,6 +58,31 @@ def _manifest_path(data: str) -> Path:
     return path / "manifest.csv" if path.is_dir() else path
 
 
+def _pretrain_vision(args: argparse.Namespace) -> int:
+    from ichpro.config import get_profile
+    from ichpro.pretrain import card_markdown, pretrain_vision, pretrained_path
+
+    profile = get_profile(args.profile)
+    out = args.out or pretrained_path(profile).parent
+    card = pretrain_vision(profile, out, resume=args.resume, quiet=args.quiet)
+    print(card_markdown(card))
+    print(f"wrote {Path(out) / card['weights']}")
+    return 0
+
+
+def _encoder_options(model, args: argparse.Namespace):
+    """The model config with the encoder options of the command line applied."""
+    from dataclasses import replace
+
+    if args.vision_weights is not None:
+        model = replace(model, vision_weights=str(Path(args.vision_weights).resolve()))
+    if args.end_to_end:
+        model = replace(model, freeze_vision=False, freeze_text=False)
+    if args.freeze_encoders:
+        model = replace(model, freeze_vision=True, freeze_text=True)
+    return model
+
+
 def _train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -69,6 +94,7 @@ def _train(args: argparse.Namespace) -> int:
 
     profile = get_profile(args.profile)
     model = profile.model if args.fusion is None else replace(profile.model, fusion=args.fusion)
+    model = _encoder_options(model, args)
     loss = profile.loss if args.loss is None else replace(profile.loss, terms=parse_loss_spec(args.loss))
     train = replace(profile.train, **{k: v for k, v in (
         ("epochs", args.epochs), ("n_folds", args.folds), ("batch_size", args.batch_size),
@@ -152,6 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help="path to manifest.csv")
     p.set_defaults(func=_validate)
 
+    p = sub.add_parser("pretrain-vision", help="pretrain a profile's 3D encoder on synthetic CTs",
+                       description="Pretrain the profile's vision encoder on blood segmentation and "
+                                   "haematoma volume regression, on a synthetic pretraining cohort "
+                                   "(the profile's spec with its own seed); writes "
+                                   "vision.safetensors and a card. Training uses it automatically.")
+    p.add_argument("--profile", default="smoke", help="smoke or cpu (default smoke)")
+    p.add_argument("--out", type=Path, help="output folder (default: the profile's place in the cache)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted pretraining in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_pretrain_vision)
+
     p = sub.add_parser("train", help="cross-validate a model on a cohort or manifest",
                        description="Patient-level stratified k-fold cross-validation; writes "
                                    "oof_predictions.csv, metrics.csv, checkpoints and run.json to --out.")
@@ -168,7 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), help="mixed precision")
     p.add_argument("--seed", type=int, default=0, help="seed for folds, initialisation and training")
-    p.add_argument("--cache", type=Path, help="folder for preprocessed CTs (default: no disk cache)")
+    _add_encoder_options(p)
+    p.add_argument("--cache", type=Path, default=cache_root(),
+                   help="cache of preprocessed CTs and frozen-encoder outputs (default $ICHPRO_CACHE "
+                        "or ~/.cache/ichpro)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
@@ -204,6 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-output", action="store_true", help="stream cell output to the log")
     p.set_defaults(func=_reproduce)
     return parser
+
+
+def _add_encoder_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vision-weights", help="local vision encoder weights (e.g. MedicalNet .pth, or a "
+                                            "pretrain-vision output) instead of the profile's")
+    frozen = p.add_mutually_exclusive_group()
+    frozen.add_argument("--end-to-end", action="store_true",
+                        help="fine-tune both encoders (the paper profile's default)")
+    frozen.add_argument("--freeze-encoders", action="store_true",
+                        help="freeze both encoders and cache their outputs (smoke and cpu default)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,7 @@ from ichpro.features import cache_key, cached, files_digest, tensors_digest, wei
 from ichpro.losses import CompositeLoss
 from ichpro.metrics import classification_metrics
 from ichpro.models import ICHPro, build_model
+from ichpro.pretrain import ensure_pretrained, with_vision_weights
 from ichpro.text import TextBackbone, load_text_backbone, mask_tokens, tokenize
 
 STATE_VERSION = 1
@@ -321,6 +322,7 @@ def fresh_model(profile: Profile, text: TextBackbone, seed: int) -> ICHPro:
 
     Frozen encoders are not checkpointed, so prediction rebuilds them through this same function.
     """
+    profile = with_vision_weights(profile)
     torch.manual_seed(seed)
     return build_model(profile.model, copy.deepcopy(text.model), profile.loss)
 
@@ -481,6 +483,7 @@ def cross_validate(profile: Profile, manifest: pd.DataFrame, run_dir: Path, *, s
     record = run_record(profile, manifest, seed)
     if dist_info.is_main:
         _claim_run_dir(run_dir, record, resume)
+        ensure_pretrained(profile, quiet)
     barrier(dist_info)
     if text is None:
         text = load_text_backbone(profile.model.text_encoder, reports=manifest["report"].tolist(),

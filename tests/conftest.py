@@ -1,11 +1,14 @@
 """Shared fixtures: one small synthetic cohort per test session."""
 
 import os
+import tempfile
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# a fresh cache per session: pretrained encoders and cached features are made by the tests themselves
+os.environ["ICHPRO_CACHE"] = tempfile.mkdtemp(prefix="ichpro-test-cache-")
 
 
 @pytest.fixture(scope="session")

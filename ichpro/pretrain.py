@@ -1,0 +1,227 @@
+"""Vision-encoder pretraining on a separate synthetic cohort: haematoma segmentation + volume regression.
+
+MedicalNet pretrains 3D ResNets on segmentation; here the profile's encoder learns, on phantom CTs
+of its own cohort (the evaluation cohort's spec, drawn with another seed: no shared patient), to
+segment the blood (parenchymal haematoma and intraventricular channels, soft Dice + BCE on the
+preprocessed masks) and to regress the haematoma volume (log mL) from its pooled feature map. The
+segmentation head is deliberately shallow (two convolutions on ``layer4``'s map, then up-sampling)
+so that the encoder itself must carry where the blood is.
+
+An output folder holds ``vision.safetensors`` (the encoder, loadable by ``VisionEncoder.load_weights``),
+``card.json`` / ``card.md`` (cohort, seed, epochs, held-out Dice and volume MAE, time) and, while
+training, a per-epoch checkpoint for ``resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ichpro.config import PretrainConfig, Profile, cache_root
+from ichpro.data import config_hash, preprocess_transforms
+from ichpro.errors import IchproError
+from ichpro.models.encoders import VisionEncoder
+
+PRETRAIN_VERSION = 1
+WEIGHTS_FILE = "vision.safetensors"
+
+
+class PretrainNet(nn.Module):
+    """The profile's vision encoder with a shallow blood-segmentation head and a volume head."""
+
+    def __init__(self, profile: Profile):
+        super().__init__()
+        cfg = profile.model
+        self.encoder = VisionEncoder(cfg.vision_depth, cfg.vision_widths, cfg.vision_no_max_pool)
+        channels = self.encoder.out_channels
+        self.segment = nn.Sequential(nn.Conv3d(channels, channels, 3, padding=1), nn.BatchNorm3d(channels),
+                                     nn.ReLU(inplace=True), nn.Conv3d(channels, 2, 1))
+        self.volume = nn.Linear(channels, 1)
+
+    def forward(self, ct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blood logits (B, 2, D, H, W) at the input's size and predicted log1p(haematoma mL) (B,)."""
+        features = self.encoder(ct)
+        logits = F.interpolate(self.segment(features), size=ct.shape[2:], mode="trilinear",
+                               align_corners=False)
+        return logits, self.volume(features.mean(dim=(2, 3, 4)))[:, 0]
+
+
+def channels_last(ct: torch.Tensor) -> torch.Tensor:
+    """A (B, 1, D, H, W) batch in the channels-last-3D memory layout."""
+    return ct.contiguous(memory_format=torch.channels_last_3d)
+
+
+def pretrain_loss(logits: torch.Tensor, volume: torch.Tensor, blood: torch.Tensor,
+                  volume_ml: torch.Tensor, volume_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """Soft Dice + BCE on the blood shares, plus ``volume_weight`` x MSE on log1p(mL)."""
+    probs = logits.sigmoid()
+    dims = (2, 3, 4)
+    dice = 1 - (2 * (probs * blood).sum(dims) + 1) / (probs.sum(dims) + blood.sum(dims) + 1)
+    bce = F.binary_cross_entropy_with_logits(logits, blood)
+    mse = F.mse_loss(volume, torch.log1p(volume_ml))
+    total = dice.mean() + bce + volume_weight * mse
+    return total, {"dice_loss": dice.mean().item(), "bce": bce.item(), "volume_mse": mse.item()}
+
+
+def pretrained_path(profile: Profile) -> Path:
+    """Where this profile's pretrained encoder lives in the cache (keyed by everything it depends on)."""
+    if profile.pretrain is None:
+        raise IchproError(f"profile {profile.name!r} has no vision pretraining configured")
+    key = config_hash({"version": PRETRAIN_VERSION, "pretrain": asdict(profile.pretrain),
+                       "cohort": profile.cohort, "preprocess": asdict(profile.preprocess),
+                       "vision": [profile.model.vision_depth, profile.model.vision_widths,
+                                  profile.model.vision_no_max_pool]})
+    return cache_root() / "pretrained" / f"{profile.name}-{key}" / WEIGHTS_FILE
+
+
+def with_vision_weights(profile: Profile) -> Profile:
+    """The profile with its vision weights resolved: a given file wins, else its pretrained encoder.
+
+    Raises when the pretrained encoder has not been made yet (see :func:`ensure_pretrained`).
+    """
+    if profile.model.vision_weights is not None or profile.pretrain is None:
+        return profile
+    path = pretrained_path(profile)
+    if not path.is_file():
+        raise IchproError(f"the pretrained vision encoder of profile {profile.name!r} is missing ({path}); "
+                          f"create it with: ichpro pretrain-vision --profile {profile.name}")
+    return replace(profile, model=replace(profile.model, vision_weights=str(path)))
+
+
+def ensure_pretrained(profile: Profile, quiet: bool = False) -> None:
+    """Pretrain the profile's vision encoder if it uses one and it is not in the cache yet."""
+    if profile.model.vision_weights is None and profile.pretrain is not None:
+        path = pretrained_path(profile)
+        if not path.is_file():
+            if not quiet:
+                print(f"pretraining the {profile.name} profile's vision encoder once, into {path.parent}")
+            pretrain_vision(profile, path.parent, resume=True, quiet=quiet)
+
+
+def pretraining_cohort(profile: Profile, quiet: bool = False) -> Path:
+    """Generate (once) the pretraining cohort: the profile's spec with the pretraining seed."""
+    from ichpro.cohort import generate_cohort, load_spec
+
+    cfg = profile.pretrain
+    folder = cache_root() / "cohorts" / f"{profile.cohort}-pretrain-{cfg.seed}-{cfg.n_patients}"
+    if not (folder / "truth.csv").is_file():
+        generate_cohort(load_spec(profile.cohort), folder, seed=cfg.seed, n_patients=cfg.n_patients,
+                        progress=not quiet)
+    return folder
+
+
+def load_examples(profile: Profile, cohort: Path, quiet: bool = False) -> dict[str, torch.Tensor]:
+    """Preprocessed CTs, blood shares and true haematoma volumes of the pretraining cohort."""
+    manifest = pd.read_csv(cohort / "manifest.csv")
+    truth = pd.read_csv(cohort / "truth.csv").set_index("patient_id")
+    transform = preprocess_transforms(profile.preprocess, with_blood=True)
+    cts, blood = [], []
+    for row in tqdm(manifest.itertuples(), total=len(manifest), desc="preprocessing", disable=quiet,
+                    leave=False):
+        item = transform({"ct": str(cohort / row.ct_path), "blood": str(cohort / row.mask_path)})
+        cts.append(item["ct"])
+        blood.append(item["blood"].half())
+    volume = truth.loc[manifest["patient_id"], "volume_ml"].to_numpy(np.float32)
+    return {"ct": torch.stack(cts), "blood": torch.stack(blood), "volume_ml": torch.from_numpy(volume)}
+
+
+def pretrain_vision(profile: Profile, out: str | Path, *, resume: bool = False, quiet: bool = False,
+                    cohort: Path | None = None) -> dict:
+    """Pretrain the profile's vision encoder into ``out``; returns the card (also written as JSON/MD)."""
+    from ichpro.train import load_optimizer, load_weights, save_optimizer, save_weights, write_json
+
+    cfg: PretrainConfig | None = profile.pretrain
+    if cfg is None:
+        raise IchproError(f"profile {profile.name!r} has no vision pretraining configured")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cohort = pretraining_cohort(profile, quiet) if cohort is None else Path(cohort)
+    data = load_examples(profile, cohort, quiet)
+    n = len(data["ct"])
+    order = np.random.default_rng(cfg.seed).permutation(n)
+    held_out, train = order[: max(1, round(cfg.held_out * n))], order[max(1, round(cfg.held_out * n)):]
+
+    torch.manual_seed(cfg.seed)
+    net = PretrainNet(profile).to(memory_format=torch.channels_last_3d)  # ~30 % faster 3D convs on CPU
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    state = {"epoch": 0, "history": [], "seconds": 0.0}
+    if resume and (out / "state.json").is_file():
+        state = json.loads((out / "state.json").read_text())
+        load_weights(out / "checkpoint.safetensors", net)
+        load_optimizer(out / "optimizer.safetensors", state.pop("optimizer"), optimizer)
+
+    for epoch in tqdm(range(state["epoch"] + 1, cfg.epochs + 1), desc="pretraining vision", disable=quiet):
+        start = time.perf_counter()
+        net.train()
+        generator = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        shuffled = train[torch.randperm(len(train), generator=generator).numpy()]
+        sums: dict[str, float] = {}
+        for begin in range(0, len(shuffled), cfg.batch_size):
+            idx = shuffled[begin:begin + cfg.batch_size]
+            logits, volume = net(channels_last(data["ct"][idx]))
+            total, terms = pretrain_loss(logits, volume, data["blood"][idx].float(), data["volume_ml"][idx],
+                                         cfg.volume_weight)
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value * len(idx)
+        state["seconds"] += time.perf_counter() - start
+        state["epoch"] = epoch
+        state["history"].append({"epoch": epoch, **{k: round(v / len(train), 5) for k, v in sums.items()},
+                                 **evaluate(net, data, held_out, cfg.batch_size)})
+        save_weights(out / "checkpoint.safetensors", net)
+        meta = save_optimizer(out / "optimizer.safetensors", optimizer)
+        write_json(out / "state.json", {**state, "optimizer": meta})
+
+    save_weights(out / WEIGHTS_FILE, net.encoder)
+    card = {"profile": profile.name, "cohort_spec": profile.cohort, "pretrain": asdict(cfg),
+            "train_patients": len(train), "held_out_patients": len(held_out),
+            "held_out": state["history"][-1], "history": state["history"],
+            "seconds": round(state["seconds"], 1), "weights": WEIGHTS_FILE}
+    write_json(out / "card.json", card)
+    (out / "card.md").write_text(card_markdown(card))
+    return card
+
+
+@torch.no_grad()
+def evaluate(net: PretrainNet, data: dict[str, torch.Tensor], idx: np.ndarray, batch_size: int
+             ) -> dict[str, float]:
+    """Held-out haematoma Dice (thresholded at 0.5) and volume MAE (mL) from the regression head."""
+    net.eval()
+    dices, errors = [], []
+    for begin in range(0, len(idx), batch_size):
+        part = idx[begin:begin + batch_size]
+        logits, volume = net(channels_last(data["ct"][part]))
+        predicted, target = logits[:, 0] > 0, data["blood"][part, 0].float() > 0.5
+        overlap = (predicted & target).sum(dim=(1, 2, 3)).float()
+        sizes = predicted.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3))
+        dices.append(torch.where(sizes > 0, 2 * overlap / sizes.clamp_min(1), torch.ones_like(overlap)))
+        errors.append((torch.expm1(volume) - data["volume_ml"][part]).abs())
+    return {"held_out_dice": round(torch.cat(dices).mean().item(), 4),
+            "held_out_volume_mae_ml": round(torch.cat(errors).mean().item(), 3)}
+
+
+def card_markdown(card: dict) -> str:
+    """A human-readable card of a pretrained encoder."""
+    cfg, result = card["pretrain"], card["held_out"]
+    return (f"# Pretrained vision encoder: profile `{card['profile']}`\n\n"
+            f"* Task: blood segmentation (haematoma + IVH, soft Dice + BCE) and haematoma volume "
+            f"regression (log mL, weight {cfg['volume_weight']}).\n"
+            f"* Data: synthetic cohort spec `{card['cohort_spec']}`, seed {cfg['seed']} (not the "
+            f"evaluation cohort's), {card['train_patients']} training and {card['held_out_patients']} "
+            "held-out patients.\n"
+            f"* Training: {cfg['epochs']} epochs, batch {cfg['batch_size']}, Adam lr {cfg['lr']}, "
+            f"{card['seconds']} s.\n"
+            f"* Held out: haematoma Dice {result['held_out_dice']:.3f}, volume MAE "
+            f"{result['held_out_volume_mae_ml']:.2f} mL.\n"
+            f"* Weights: `{card['weights']}` (load with `VisionEncoder.load_weights`).\n")
