@@ -30,6 +30,7 @@ class PreprocessConfig:
 
 
 FUSION_STRUCTURES = ("self", "cross", "self-self", "cross-cross", "self-cross", "cross-self")
+MODALITIES = ("both", "vision", "text")  # Table 1: the fused model and each encoder alone
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class ModelConfig:
     grid: tuple[int, int, int] = (2, 8, 8)  # fusion grid G (d, h, w)
     heads: int = 16  # MHSAF heads
     fusion: str = "cross-self"  # one of FUSION_STRUCTURES
+    modality: str = "both"  # one of MODALITIES; a single modality replaces the fusion by self-attention
     header_blocks: tuple[int, ...] = (6, 12, 24, 16)  # DenseNet-121
     header_growth: int = 32
     freeze_vision: bool = False

@@ -156,11 +156,11 @@ class BatchSource:
         def feature_maps(idx: list[int]) -> torch.Tensor:
             return model.vision(torch.stack([self.dataset[i]["ct"] for i in idx]).to(device))
 
-        if cfg.freeze_vision:
+        if cfg.freeze_vision and cfg.modality != "text":
             key = cache_key("vision", weights=weights_digest(model.vision),
                             preprocess=asdict(self.profile.preprocess), cts=files_digest(self.ct_paths))
             self._store(self.features, key, lambda: {"vision_features": encode("CTs", feature_maps)})
-        if not cfg.freeze_text:
+        if not cfg.freeze_text or cfg.modality == "vision":
             return
         text_weights = weights_digest(model.text)
         ids, mask = self.tokens["input_ids"], self.tokens["attention_mask"]
@@ -190,7 +190,7 @@ class BatchSource:
         With cached masked-report variants, ``epoch`` (from 1) picks the variant the MLM term uses.
         """
         batch = {k: v[idx].to(device) for k, v in {**self.tokens, **self.features}.items()}
-        if "vision_features" not in batch:
+        if "vision_features" not in batch and self.profile.model.modality != "text":
             batch["ct"] = torch.stack([self.dataset[i]["ct"] for i in idx]).to(device)
         if self.masked and epoch is not None:
             variant = (epoch - 1) % self.profile.loss.mlm_variants

@@ -225,3 +225,23 @@ def test_ce_alone_builds_no_unused_branch(tiny):
     assert out.vision_embedding is None
     out.logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("modality", ["vision", "text"])
+def test_single_modality_models_ignore_the_other_input(tiny, modality):
+    torch.manual_seed(0)
+    cfg = replace(SMOKE.model, modality=modality, freeze_vision=False, freeze_text=False)
+    model = build_model(cfg, copy.deepcopy(tiny.model), LossConfig(terms=(("ce", 1.0),))).eval()
+    batch = make_batch(tiny)
+    other = make_batch(tiny, seed=1, reports=[REPORTS[1], REPORTS[0], REPORTS[3], REPORTS[2]])
+    with torch.no_grad():
+        out = model(**batch)
+        swapped_ct = model(**{**batch, "ct": other["ct"]})
+        swapped_report = model(**{**other, "ct": batch["ct"]})
+    assert out.logits.shape == (4, 2) and list(out.attentions) == ["stage1_mhsaf_self"]
+    same, changed = (swapped_report, swapped_ct) if modality == "vision" else (swapped_ct, swapped_report)
+    assert torch.equal(out.logits, same.logits) and not torch.allclose(out.logits, changed.logits)
+    unused = model.text if modality == "vision" else model.vision
+    assert not any(p.requires_grad for p in unused.parameters())
+    with pytest.raises(IchproError, match="cross-entropy alone"):
+        build_model(cfg, copy.deepcopy(tiny.model), SMOKE.loss)

@@ -19,6 +19,8 @@ notebook 04 next to the code:
   vision and text tokens, whose two halves are summed back into one grid.
 * After the last stage: up-sampling ×2 and a 3×3×3 convolution give the text-based vision
   representation f_tbv.
+* A **single modality** (the "Text only" and "Vision only" rows of Table 1): one MHSAF stage over
+  that modality's grid replaces the fusion, followed by the same up-sampling and convolution.
 
 Every attention block returns its attention weights (B, heads, queries, keys); rows sum to 1.
 """
@@ -31,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ichpro.config import FUSION_STRUCTURES
+from ichpro.config import FUSION_STRUCTURES, MODALITIES
 from ichpro.errors import IchproError
 
 Grid = tuple[int, int, int]
@@ -177,21 +179,25 @@ class JointSelfAttention(MHSAF):
 
 
 class FusionStack(nn.Module):
-    """One of the six fusion structures, then up-sampling ×2 and a 3×3×3 conv (f_tbv)."""
+    """One of the six fusion structures (or self-attention over one modality), then up-sampling ×2
+    and a 3×3×3 conv (f_tbv)."""
 
-    def __init__(self, structure: str, dim: int, heads: int, grid: Grid):
+    def __init__(self, structure: str, dim: int, heads: int, grid: Grid, modality: str = "both"):
         super().__init__()
         if structure not in FUSION_STRUCTURES:
             raise IchproError(f"unknown fusion structure {structure!r}; choose one of {FUSION_STRUCTURES}")
+        if modality not in MODALITIES:
+            raise IchproError(f"unknown modality {modality!r}; choose one of {MODALITIES}")
         if dim % heads:
             raise IchproError(f"fusion width {dim} is not divisible by {heads} attention heads")
-        self.structure = structure
+        self.structure = structure if modality == "both" else f"{modality} only"
         self.stages = nn.ModuleList()
         self.map_grids: dict[str, Grid] = {}  # attention map name -> grid of its key positions
-        for i, kind in enumerate(structure.split("-")):
+        kinds = structure.split("-") if modality == "both" else ["self-over-one"]
+        for i, kind in enumerate(kinds):
             if kind == "cross":
                 stage, keys = CMAF(dim, heads, grid), ("vision_to_text", "text_to_vision")
-            elif i == 0:
+            elif i == 0 and kind == "self":
                 stage, keys = JointSelfAttention(dim, heads, grid), ("joint",)
             else:
                 stage, keys = MHSAF(dim, heads, grid), ("self",)
@@ -205,10 +211,11 @@ class FusionStack(nn.Module):
             nn.ReLU(inplace=True),
         )
 
-    def forward(self, vision: torch.Tensor, text: torch.Tensor
+    def forward(self, vision: torch.Tensor | None, text: torch.Tensor | None
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Fuse the two grids (B, C, *grid); with a single modality the other one is None."""
         maps: dict[str, torch.Tensor] = {}
-        fused = None
+        fused = vision if text is None else text if vision is None else None
         for i, stage in enumerate(self.stages):
             if fused is None:
                 fused, found = stage(vision, text)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ichpro.config import LossConfig, ModelConfig
+from ichpro.errors import IchproError
 from ichpro.models.encoders import TextEncoder, VisionEncoder, freeze
 from ichpro.models.fusion import TRT, VRT, FusionStack, Grid, tokens
 from ichpro.models.heads import MLMHead, SequenceHeader
@@ -64,9 +65,12 @@ class ICHPro(nn.Module):
             self.vision.load_weights(cfg.vision_weights)
         self.text = TextEncoder(text_model)
         hidden = self.text.hidden_size
-        self.vrt = VRT(self.vision.out_channels, cfg.dim, cfg.grid)
-        self.trt = TRT(hidden, cfg.dim, cfg.max_tokens, cfg.grid)
-        self.fusion = FusionStack(cfg.fusion, cfg.dim, cfg.heads, cfg.grid)
+        if cfg.modality != "both" and (with_embeddings or with_mlm or with_unimodal_heads):
+            raise IchproError(f"a {cfg.modality}-only model trains with cross-entropy alone: the other "
+                              "loss terms need both modalities")
+        self.vrt = VRT(self.vision.out_channels, cfg.dim, cfg.grid) if cfg.modality != "text" else None
+        self.trt = TRT(hidden, cfg.dim, cfg.max_tokens, cfg.grid) if cfg.modality != "vision" else None
+        self.fusion = FusionStack(cfg.fusion, cfg.dim, cfg.heads, cfg.grid, cfg.modality)
         self.header = SequenceHeader(cfg.dim, cfg.header_blocks, cfg.header_growth)
         # only the branches the loss uses are built: every parameter then receives a gradient
         self.projections = (nn.ModuleDict({"vision": nn.Linear(cfg.dim, cfg.dim),
@@ -75,9 +79,9 @@ class ICHPro(nn.Module):
         self.mlm = MLMHead(hidden, cfg.dim, cfg.heads, self.text.word_embeddings) if with_mlm else None
         self.unimodal = (nn.ModuleDict({"vision": nn.Linear(cfg.dim, 2), "text": nn.Linear(cfg.dim, 2)})
                          if with_unimodal_heads else None)
-        if cfg.freeze_vision:
+        if cfg.freeze_vision or cfg.modality == "text":  # an unused encoder is frozen too
             freeze(self.vision)
-        if cfg.freeze_text:
+        if cfg.freeze_text or cfg.modality == "vision":
             freeze(self.text)
         self.train()
 
@@ -106,10 +110,12 @@ class ICHPro(nn.Module):
         ``mlm_input_ids``). The MLM branch runs when a masked report and its ``mlm_labels``
         (original token at masked positions, -100 elsewhere) are given.
         """
-        f_v = self.vision(ct) if vision_features is None else vision_features
-        f_t = self.text(input_ids, attention_mask) if text_states is None else text_states
-        v_grid = self.vrt(f_v)
-        t_grid = self.trt(f_t, attention_mask)
+        v_grid = t_grid = None
+        if self.vrt is not None:
+            v_grid = self.vrt(self.vision(ct) if vision_features is None else vision_features)
+        if self.trt is not None:
+            f_t = self.text(input_ids, attention_mask) if text_states is None else text_states
+            t_grid = self.trt(f_t, attention_mask)
         fused, attentions = self.fusion(v_grid, t_grid)
         out = ICHProOutput(logits=self.header(fused), fused=fused, attentions=attentions,
                            attention_grids=self.fusion.map_grids)
