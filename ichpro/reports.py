@@ -95,6 +95,18 @@ def render(report: Report, style: ReportStyle = ReportStyle()) -> str:
     return style.separator.join(parts)
 
 
+def drop_field(text: str, field: str) -> str:
+    """The report text without one field (under any of its keys), keeping the rest of its layout."""
+    if field not in KEYS:
+        raise IchproError(f"unknown report field {field!r}; choose one of {', '.join(KEYS)}")
+    keys = tuple(f"{key.lower()}:" for key in KEYS[field])
+    pieces = re.split(r"(\n|·|;)", text)
+    parts, separators = pieces[0::2], pieces[1::2]
+    kept = [part for part in parts if not part.strip().lower().startswith(keys)]
+    separator = separators[0] if separators else "\n"
+    return separator.join(kept).strip()
+
+
 _KEY_TO_FIELD = {key.lower(): name for name, keys in KEYS.items() for key in keys}
 _SPLIT = re.compile(r"\n|·|;")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

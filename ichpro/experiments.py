@@ -1,0 +1,218 @@
+"""The paper's result tables as named grids of configs: run them (resumably) and aggregate the results.
+
+A table is a list of :class:`Row`: each row changes the profile (modality, fusion structure, loss
+terms, or the reports) and is cross-validated with the same folds and seed as every other row.
+Each row's run lives in ``<out>/runs/<row>-<hash>/``, keyed by its full config, so a row shared
+by several tables (ICHPro itself) is trained once, and a finished row is never retrained.
+
+:func:`summarize` turns the rows' out-of-fold predictions into the published columns with 95 %
+bootstrap CIs, the DeLong p-value of each row's AUC against the table's reference row (ICHPro), and
+the ceiling: the AUC of the synthetic cohort's oracle for the row's inputs (``truth.csv``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ichpro.config import Profile
+from ichpro.data import config_hash
+from ichpro.errors import IchproError
+from ichpro.losses import parse_loss_spec
+from ichpro.metrics import delong_test, metrics_table
+from ichpro.paper import reported_tables
+from ichpro.reports import drop_field
+
+TABLE_METRICS = ("accuracy", "recall", "precision", "f1", "auc")
+#: the oracle probability column of truth.csv that bounds a row, by the inputs the row sees
+CEILINGS = {"all": "p_bad_oracle", "image": "p_bad_oracle_image", "report": "p_bad_oracle_report",
+            "report_no_stay": "p_bad_oracle_report_no_stay"}
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of a results table: what it changes in the profile and how it is compared."""
+
+    name: str
+    paper: str | None = None  # the paper's row label in paper_tables.csv (None: not in the paper)
+    inputs: str = "all"  # key of CEILINGS
+    model: dict = field(default_factory=dict)  # ModelConfig fields to replace
+    loss: str | None = None  # loss spec ("ce,imima"); None keeps the profile's (VTMF)
+    drop_stay: bool = False  # reports without the outcome-leaking Hospital Stay field
+    reference: bool = False  # the row the others are tested against (ICHPro)
+
+
+TABLES: dict[str, tuple[str, list[Row]]] = {
+    "table1_modalities": ("1_modalities", [
+        Row("Text only", "Text only", "report", {"modality": "text"}, "ce"),
+        Row("Vision only", "Vision only", "image", {"modality": "vision"}, "ce"),
+        Row("ICHPro", "ICHPro (text + vision)", reference=True),
+        Row("Text only, no Hospital Stay", None, "report_no_stay", {"modality": "text"}, "ce",
+            drop_stay=True),
+        Row("ICHPro, no Hospital Stay", None, drop_stay=True),
+    ]),
+    "table2_fusion": ("2_fusion", [
+        Row("Self", "Self Attention", model={"fusion": "self"}),
+        Row("Cross", "Cross Attention", model={"fusion": "cross"}),
+        Row("Self-Self", "Self-Self Attention", model={"fusion": "self-self"}),
+        Row("Cross-Cross", "Cross-Cross Attention", model={"fusion": "cross-cross"}),
+        Row("Self-Cross", "Self-Cross Attention", model={"fusion": "self-cross"}),
+        Row("Cross-Self (ICHPro)", "Cross-Self Attention (ICHPro)", reference=True),
+    ]),
+    "table3_losses": ("3_losses", [
+        Row("CE only", None, loss="ce"),
+        Row("CE + blend", "L_blend", loss="ce,blend"),
+        Row("CE + CMPM", "L_cmpm", loss="ce,cmpm"),
+        Row("CE + CMFA", "L_CMFA", loss="ce,cmfa"),
+        Row("CE + IMIMA", "L_IMIMA", loss="ce,imima"),
+        Row("CE + SDM", "L_SDM", loss="ce,sdm"),
+        Row("CE + MLM", "L_MLM", loss="ce,mlm"),
+        Row("CE + IMIMA + SDM", "L_IMIMA + alpha L_SDM", loss="ce,imima,sdm"),
+        Row("CE + IMIMA + MLM", "L_IMIMA + beta L_MLM", loss="ce,imima,mlm"),
+        Row("VTMF (ICHPro)", "L_VTMF (ICHPro)", loss="vtmf", reference=True),
+    ]),
+}
+
+
+def table_rows(name: str) -> list[Row]:
+    """The rows of a named table (clear error for an unknown name)."""
+    if name not in TABLES:
+        raise IchproError(f"unknown table {name!r}; choose one of {', '.join(TABLES)}")
+    return TABLES[name][1]
+
+
+def row_profile(profile: Profile, row: Row) -> Profile:
+    """The profile a row trains: its model changes and loss terms applied."""
+    loss = profile.loss if row.loss is None else replace(profile.loss, terms=parse_loss_spec(row.loss))
+    return replace(profile, model=replace(profile.model, **row.model), loss=loss)
+
+
+def row_manifest(manifest: pd.DataFrame, row: Row) -> pd.DataFrame:
+    """The manifest a row sees (reports without Hospital Stay for ``drop_stay`` rows)."""
+    if not row.drop_stay:
+        return manifest
+    return manifest.assign(report=[drop_field(text, "hospital_stay_days") for text in manifest["report"]])
+
+
+def row_folder(out: Path, profile: Profile, row: Row, seed: int) -> Path:
+    """The run folder of a row, named and keyed by its config, reports and seed (not by the row's
+    name: rows of different tables with the same config share it)."""
+    trained = row_profile(profile, row)
+    key = config_hash({"profile": asdict(trained), "drop_stay": row.drop_stay, "seed": seed})
+    model = trained.model
+    name = model.fusion if model.modality == "both" else f"{model.modality}-only"
+    name += "-" + "+".join(term for term, _ in trained.loss.terms) + ("-no-stay" if row.drop_stay else "")
+    return Path(out) / "runs" / f"{name}-{key[:10]}"
+
+
+def run_rows(rows: list[Row], profile: Profile, manifest: pd.DataFrame, out: str | Path, *, seed: int = 0,
+             resume: bool = False, quiet: bool = False, cache_dir: Path | None = None,
+             train: Callable | None = None) -> dict[str, pd.DataFrame]:
+    """Cross-validate every row not finished yet; returns each row's out-of-fold predictions.
+
+    A finished row is loaded, not retrained; an interrupted row continues with ``resume``.
+    ``train`` (default :func:`ichpro.train.cross_validate`) is the function that fits one row.
+    """
+    from ichpro.train import cross_validate
+
+    train = cross_validate if train is None else train
+    predictions = {}
+    for i, row in enumerate(rows, 1):
+        folder = row_folder(out, profile, row, seed)
+        done = folder / "oof_predictions.csv"
+        if not done.is_file():
+            if not quiet:
+                print(f"[{i}/{len(rows)}] {row.name}: training in {folder}", flush=True)
+            start = time.perf_counter()
+            train(row_profile(profile, row), row_manifest(manifest, row), folder, seed=seed,
+                  resume=resume or folder.is_dir(), quiet=quiet, cache_dir=cache_dir)
+            (folder / "timing.json").write_text(json.dumps({"seconds": time.perf_counter() - start}) + "\n")
+        predictions[row.name] = pd.read_csv(done)
+    return predictions
+
+
+def summarize(rows: list[Row], predictions: dict[str, pd.DataFrame], paper_table: str | None,
+              truth: pd.DataFrame | None = None, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+    """One line per row: the paper's numbers, ours with 95 % CIs, DeLong p vs the reference, ceiling."""
+    paper = _paper_rows(paper_table)
+    reference = next((r for r in rows if r.reference), None)
+    lines = []
+    for row in rows:
+        oof = predictions[row.name].sort_values("patient_id").reset_index(drop=True)
+        line: dict = {"row": row.name}
+        scores = metrics_table(oof["label"], oof["p_bad"], n_boot=n_boot, seed=seed,
+                               metrics=TABLE_METRICS).set_index("metric")
+        for metric in TABLE_METRICS:
+            line[f"paper_{metric}"] = paper.get(row.paper, {}).get(metric, np.nan)
+            line[metric] = scores.at[metric, "value"]
+            line[f"{metric}_ci_low"] = scores.at[metric, "ci_low"]
+            line[f"{metric}_ci_high"] = scores.at[metric, "ci_high"]
+        line["delong_p"] = np.nan
+        if reference is not None and row is not reference:
+            ref = predictions[reference.name].set_index("patient_id").loc[oof["patient_id"], "p_bad"]
+            line["delong_p"] = delong_test(oof["label"], oof["p_bad"], ref.to_numpy())[2]
+        line["ceiling_auc"] = _ceiling(truth, oof, row.inputs)
+        lines.append(line)
+    return pd.DataFrame(lines)
+
+
+def _paper_rows(paper_table: str | None) -> dict[str, dict[str, float]]:
+    """The paper's rows of one table as fractions (its percentages divided by 100)."""
+    if paper_table is None:
+        return {}
+    table = reported_tables().query("table == @paper_table")
+    return {r["row"]: {"accuracy": r["accuracy_pct"] / 100, "recall": r["recall_pct"] / 100,
+                       "precision": r["precision_pct"] / 100, "f1": r["f1"], "auc": r["auc"]}
+            for r in table.to_dict("records")}
+
+
+def _ceiling(truth: pd.DataFrame | None, oof: pd.DataFrame, inputs: str) -> float:
+    """AUC of the oracle for the row's inputs on the same patients (NaN without a truth table)."""
+    column = CEILINGS[inputs]
+    if truth is None or column not in truth:
+        return np.nan
+    oracle = truth.set_index("patient_id").loc[oof["patient_id"], column].to_numpy()
+    return float(metrics_table(oof["label"], oracle, n_boot=1, metrics=("auc",))["value"].iloc[0])
+
+
+def run_table(name: str, profile: Profile, manifest: pd.DataFrame, out: str | Path, *,
+              truth: pd.DataFrame | None = None, seed: int = 0, resume: bool = False, quiet: bool = False,
+              cache_dir: Path | None = None, n_boot: int = 1000) -> pd.DataFrame:
+    """Run (or load) every row of a named table and return its summary."""
+    rows = table_rows(name)
+    predictions = run_rows(rows, profile, manifest, out, seed=seed, resume=resume, quiet=quiet,
+                           cache_dir=cache_dir)
+    return summarize(rows, predictions, TABLES[name][0], truth, n_boot=n_boot, seed=seed)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """The summary as a Markdown table: paper | ours (95 % CI) per metric, DeLong p and ceiling."""
+    header = ["row"] + [f"{m} paper | ours (95 % CI)" for m in TABLE_METRICS] + ["DeLong p", "ceiling AUC"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in table.to_dict("records"):
+        cells = [r["row"]]
+        for m in TABLE_METRICS:
+            paper = "—" if np.isnan(r[f"paper_{m}"]) else f"{r[f'paper_{m}']:.3f}"
+            cells.append(f"{paper} \\| {r[m]:.3f} ({r[f'{m}_ci_low']:.3f}–{r[f'{m}_ci_high']:.3f})")
+        cells.append("—" if np.isnan(r["delong_p"]) else f"{r['delong_p']:.2g}")
+        cells.append("—" if np.isnan(r["ceiling_auc"]) else f"{r['ceiling_auc']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(table: pd.DataFrame, path_stem: str | Path, title: str) -> list[Path]:
+    """Write ``<stem>.csv``, ``<stem>.md`` and the AUC figure ``<stem>.png``; returns the paths."""
+    from ichpro.plots import plot_table_auc, save_figure
+
+    stem = Path(path_stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(stem.with_suffix(".csv"), index=False, float_format="%.4f")
+    stem.with_suffix(".md").write_text(f"# {title}\n\n" + to_markdown(table))
+    figure = save_figure(plot_table_auc(table, title), stem.with_suffix(".png"))
+    return [stem.with_suffix(".csv"), stem.with_suffix(".md"), figure]

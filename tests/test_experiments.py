@@ -1,0 +1,116 @@
+"""Results tables: rows, shared and resumed runs, the summary's columns and numbers."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from ichpro.cli import main
+from ichpro.config import get_profile
+from ichpro.errors import IchproError
+from ichpro.experiments import (
+    TABLE_METRICS,
+    TABLES,
+    Row,
+    row_folder,
+    row_manifest,
+    row_profile,
+    run_rows,
+    summarize,
+    table_rows,
+    write_table,
+)
+
+SMOKE = get_profile("smoke")
+
+
+def cohort(n=60, seed=0):
+    """A manifest and truth table of n patients whose oracle predicts the label well."""
+    rng = np.random.default_rng(seed)
+    oracle = rng.uniform(0.05, 0.95, n)
+    label = (rng.uniform(size=n) < oracle).astype(int)
+    ids = [f"P{i:03d}" for i in range(n)]
+    reports = [f"Age: {60 + i % 20}\nHospital Stay: {i % 30} days\nGCS Score: {3 + i % 13}" for i in range(n)]
+    manifest = pd.DataFrame({"patient_id": ids, "label": label, "report": reports})
+    truth = pd.DataFrame({"patient_id": ids, "label": label, "p_bad_oracle": oracle,
+                          "p_bad_oracle_report": oracle ** 2, "p_bad_oracle_image": 1 - oracle,
+                          "p_bad_oracle_report_no_stay": oracle})
+    return manifest, truth
+
+
+def fake_train(calls):
+    """A stand-in for cross_validate: out-of-fold predictions that depend on the row's config."""
+    def train(profile, manifest, folder, *, seed, resume, quiet, cache_dir):
+        calls.append((profile, folder, resume, manifest["report"].iloc[0]))
+        rng = np.random.default_rng(abs(hash((profile.model.fusion, profile.model.modality,
+                                              profile.loss.terms))) % 2**32)
+        folder.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"patient_id": manifest["patient_id"], "fold": 0,
+                      "p_bad": np.clip(manifest["label"] * 0.4 + rng.uniform(0, 0.6, len(manifest)), 0, 1),
+                      "label": manifest["label"]}).to_csv(folder / "oof_predictions.csv", index=False)
+    return train
+
+
+def test_rows_change_what_they_say():
+    text_only = row_profile(SMOKE, table_rows("table1_modalities")[0])
+    assert text_only.model.modality == "text" and text_only.loss.terms == (("ce", 1.0),)
+    self_self = row_profile(SMOKE, table_rows("table2_fusion")[2])
+    assert self_self.model.fusion == "self-self" and self_self.loss == SMOKE.loss
+    assert [r.reference for r in table_rows("table3_losses")].count(True) == 1
+    with pytest.raises(IchproError, match="table1_modalities"):
+        table_rows("table9")
+    # ICHPro is the same config in the three tables: one run folder
+    references = {row_folder("out", SMOKE, next(r for r in rows if r.reference), 0)
+                  for _, rows in TABLES.values()}
+    assert len(references) == 1
+
+
+def test_drop_stay_rows_see_reports_without_hospital_stay():
+    manifest, _ = cohort()
+    row = next(r for r in table_rows("table1_modalities") if r.drop_stay)
+    edited = row_manifest(manifest, row)
+    assert not edited["report"].str.contains("Hospital Stay").any()
+    assert edited["report"].str.contains("GCS Score").all() and manifest["report"].str.contains("Stay").all()
+
+
+def test_finished_rows_are_reused_and_unfinished_ones_resumed(tmp_path):
+    manifest, _ = cohort()
+    rows = table_rows("table1_modalities")
+    calls = []
+    run_rows(rows, SMOKE, manifest, tmp_path, train=fake_train(calls), quiet=True)
+    assert len(calls) == len(rows)
+    assert "Hospital Stay" not in calls[3][3] and "Hospital Stay" in calls[0][3]
+    run_rows(rows, SMOKE, manifest, tmp_path, train=fake_train(calls), quiet=True)
+    assert len(calls) == len(rows)  # nothing retrained
+    (row_folder(tmp_path, SMOKE, rows[1], 0) / "oof_predictions.csv").unlink()  # an interrupted row
+    run_rows(rows, SMOKE, manifest, tmp_path, train=fake_train(calls), quiet=True)
+    assert len(calls) == len(rows) + 1 and calls[-1][2] is True  # continued with resume
+
+
+def test_summary_columns_paper_numbers_delong_and_ceiling(tmp_path):
+    manifest, truth = cohort()
+    rows = table_rows("table1_modalities")
+    predictions = run_rows(rows, SMOKE, manifest, tmp_path, train=fake_train([]), quiet=True)
+    table = summarize(rows, predictions, "1_modalities", truth, n_boot=200)
+    expected = ["row"] + [c for m in TABLE_METRICS for c in (f"paper_{m}", m, f"{m}_ci_low", f"{m}_ci_high")]
+    assert list(table.columns) == expected + ["delong_p", "ceiling_auc"]
+    text, vision, ichpro = (table.iloc[i] for i in range(3))
+    assert text["paper_accuracy"] == pytest.approx(0.6915) and ichpro["paper_auc"] == pytest.approx(0.9429)
+    assert np.isnan(table.iloc[3]["paper_auc"])  # not in the paper
+    assert np.isnan(ichpro["delong_p"]) and 0 <= text["delong_p"] <= 1
+    ordered = truth.set_index("patient_id").loc[sorted(manifest["patient_id"])]
+    for row, oracle in ((text, "p_bad_oracle_report"), (vision, "p_bad_oracle_image")):
+        assert row["ceiling_auc"] == pytest.approx(roc_auc_score(ordered["label"], ordered[oracle]))
+    assert (table["auc_ci_low"] <= table["auc"]).all() and (table["auc"] <= table["auc_ci_high"]).all()
+    # a row identical to the reference has DeLong p = 1
+    twin = summarize([Row("a", reference=True), Row("b")], {"a": predictions["ICHPro"],
+                                                            "b": predictions["ICHPro"]}, None, truth)
+    assert twin.iloc[1]["delong_p"] == 1.0 and np.isnan(twin.iloc[0]["paper_auc"])
+    paths = write_table(table, tmp_path / "table1_modalities", "Table 1")
+    assert [p.suffix for p in paths] == [".csv", ".md", ".png"] and all(p.stat().st_size for p in paths)
+    assert "0.943" in paths[1].read_text()
+
+
+def test_table_command_rejects_an_unknown_table(tmp_path, capsys):
+    assert main(["table", "table7", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "unknown table 'table7'" in capsys.readouterr().err
