@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ichpro.config import REPO_ROOT, Profile, get_profile
+from ichpro.config import REPO_ROOT, Profile, cache_root, get_profile
 from ichpro.errors import IchproError
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
@@ -40,6 +40,11 @@ class RunContext:
         """Path of a figure or table file in the figures folder."""
         return self.figures_dir / name
 
+    @property
+    def cache_dir(self) -> Path:
+        """The cache of preprocessed CTs, frozen-encoder outputs and pretrained encoders."""
+        return cache_root()
+
 
 def ensure_cohort(profile: Profile, data_dir: Path, progress: bool = True) -> Path:
     """Generate the profile's synthetic cohort into ``data_dir`` unless it is already there."""
@@ -55,6 +60,8 @@ def setup_notebook(profile: str = "smoke", data_dir: str = "", output_dir: str =
     """Resolve a notebook's parameters, seed everything, and make sure the cohort exists."""
     from monai.utils import set_determinism
 
+    from ichpro.pretrain import ensure_pretrained
+
     prof = get_profile(profile)
     # absolute paths: the runner's kernels work in notebooks/, not in the caller's folder
     data = (Path(data_dir) if data_dir else REPO_ROOT / "data_synthetic" / prof.cohort).resolve()
@@ -63,6 +70,7 @@ def setup_notebook(profile: str = "smoke", data_dir: str = "", output_dir: str =
     figs.mkdir(parents=True, exist_ok=True)
     set_determinism(seed)
     ensure_cohort(prof, data)
+    ensure_pretrained(prof)
     return RunContext(prof, data, out, figs, seed)
 
 
