@@ -1,0 +1,300 @@
+"""Explanations of a trained ICHPro model: Grad-CAM, attention maps, their overlap with the haematoma,
+counterfactual reports, and maps moved back onto the original CT's voxels.
+
+Every map lives on the model input's voxel grid (D, H, W) (see ``ichpro.data``) unless
+:func:`to_original_grid` moves it. The functions put the model in eval mode while they work and
+leave it as they found it: train/eval mode, ``requires_grad`` flags and parameter gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import fields, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from monai.data import MetaTensor
+from monai.transforms import InvertibleTransform
+from monai.utils import TraceKeys
+from monai.visualize import GradCAM
+from monai.visualize.visualizer import default_upsampler
+from scipy import ndimage
+from torch import nn
+
+from ichpro.config import PreprocessConfig
+from ichpro.data import load_manifest, preprocess_steps, preprocess_transforms
+from ichpro.errors import IchproError
+from ichpro.models import ICHPro
+from ichpro.models.ichpro import ICHProOutput
+from ichpro.predict import TrainedRun, read_report
+from ichpro.reports import Report, parse, render
+from ichpro.text import tokenize
+
+GRAD_CAM = "grad_cam"  # method name of Grad-CAM in the localisation table
+MEASURES = ("mass_inside", "volume_share", "ratio", "pointing_hit")
+
+
+@contextlib.contextmanager
+def _explaining(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside; on exit every module's mode and every parameter's gradient as before."""
+    modes = [(module, module.training) for module in model.modules()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for p, grad in grads:
+            p.grad = grad
+
+
+# --------------------------------------------------------------------------------------------
+# Grad-CAM and attention maps
+
+
+class _BadOutcome(nn.Module):
+    """CT -> logits of ``model`` for a fixed report, as MONAI's GradCAM calls a network.
+
+    GradCAM hooks ``features``, a throwaway identity on ``vision.resnet.layer4``'s output (MONAI
+    never removes its hooks, so none go on the model). That output is made a leaf requiring a
+    gradient: the backward pass stops there, whether or not the vision encoder is frozen.
+    """
+
+    def __init__(self, model: ICHPro):
+        super().__init__()
+        self.model = model
+        self.features = nn.Identity()
+
+    def forward(self, ct: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+                ) -> torch.Tensor:
+        with torch.no_grad():
+            layer4 = self.model.vision(ct)
+        features = self.features(layer4.requires_grad_(True))
+        return self.model(attention_mask, vision_features=features, input_ids=input_ids).logits
+
+
+def _per_patient_max(maps: torch.Tensor) -> torch.Tensor:
+    """Divide each patient's map by its maximum (an all-zero map stays zero)."""
+    peak = maps.flatten(1).amax(dim=1).reshape(-1, *[1] * (maps.dim() - 1))
+    return maps / torch.where(peak > 0, peak, torch.ones_like(peak))
+
+
+def grad_cam(model: ICHPro, batch: Mapping[str, torch.Tensor], target_class: int = 1) -> torch.Tensor:
+    """Grad-CAM of ``target_class`` (1 = bad outcome) on the vision encoder's last block; (B, D, H, W).
+
+    MONAI's GradCAM: ReLU(sum_k alpha_k A_k) with A_k the k-th channel of ``layer4``'s output and
+    alpha_k the mean over positions of d logit / d A_k, the gradient flowing through the whole model
+    (fusion with the report, header). Up-sampled trilinearly to the input and divided by each
+    patient's maximum, so it lies in [0, 1] and keeps its zero.
+    """
+    with _explaining(model):
+        network = _BadOutcome(model).eval()
+        cam = GradCAM(network, target_layers="features", upsampler=default_upsampler,
+                      postprocessing=_per_patient_max)
+        maps = cam(batch["ct"], class_idx=target_class, input_ids=batch["input_ids"],
+                   attention_mask=batch["attention_mask"])
+    return maps.detach()[:, 0]
+
+
+def _volumes(out: ICHProOutput, size: tuple[int, int, int], names: Sequence[str] | None
+             ) -> dict[str, torch.Tensor]:
+    """The named attention maps of a forward pass on the input grid (all of them by default)."""
+    names = list(out.attentions) if names is None else list(names)
+    unknown = [name for name in names if name not in out.attentions]
+    if unknown:
+        raise IchproError(f"no attention map {unknown[0]!r} in this model; "
+                          f"it has {', '.join(out.attentions)}")
+    return {name: out.attention_volume(name, size) for name in names}
+
+
+def _output(model: ICHPro, batch: Mapping[str, torch.Tensor]) -> ICHProOutput:
+    """One forward pass in eval mode, without gradients."""
+    with _explaining(model), torch.no_grad():
+        return model(**batch)
+
+
+def attention_maps(model: ICHPro, batch: Mapping[str, torch.Tensor], names: Sequence[str] | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Each fusion attention map on the input grid: name -> (B, D, H, W), each voxel holding the
+    share of attention its grid cell receives (see ``ICHProOutput.attention_volume``)."""
+    return _volumes(_output(model, batch), tuple(batch["ct"].shape[2:]), names)
+
+
+# --------------------------------------------------------------------------------------------
+# Localisation
+
+
+def _numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def attention_in_mask(heatmap: np.ndarray | torch.Tensor, blood_share: np.ndarray | torch.Tensor,
+                      brain: np.ndarray | torch.Tensor) -> dict[str, float | bool]:
+    """How much of a non-negative map (D, H, W) falls in the haematoma, within the brain.
+
+    ``mass_inside``: the share of the map's mass in the brain that lies in the haematoma, each voxel
+    weighted by its haematoma share; ``volume_share``: haematoma volume / brain volume, what a
+    uniform map would score; ``ratio`` = mass_inside / volume_share (1 = no better than uniform);
+    ``pointing_hit``: the map's maximum within the brain lies in a voxel holding haematoma or in one
+    of its 26 neighbours (tolerance: 1 voxel of the model grid along each axis, diagonals included).
+    Undefined shares (no mass or no haematoma) are NaN.
+    """
+    heat, share = _numpy(heatmap).astype(np.float64), _numpy(blood_share).astype(np.float64)
+    brain = _numpy(brain).astype(bool)
+    heat, share = np.where(brain, heat, 0.0), np.where(brain, share, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mass_inside = float((heat * share).sum() / heat.sum())
+        volume_share = float(share.sum() / brain.sum())
+        ratio = mass_inside / volume_share if volume_share > 0 else float("nan")
+    near_blood = ndimage.binary_dilation(share > 0, structure=np.ones((3, 3, 3), dtype=bool))
+    peak = np.unravel_index(np.argmax(np.where(brain, heat, -np.inf)), heat.shape)
+    return {"mass_inside": mass_inside, "volume_share": volume_share, "ratio": ratio,
+            "pointing_hit": bool(near_blood[peak])}
+
+
+def brain_of(ct: np.ndarray | torch.Tensor) -> np.ndarray:
+    """The brain on the model grid: the skull-stripped input's non-zero voxels, holes (CSF) filled."""
+    return ndimage.binary_fill_holes(_numpy(ct) > 0)
+
+
+def _batch(run: TrainedRun, ct: torch.Tensor, report: str) -> dict[str, torch.Tensor]:
+    """A one-patient model batch from a preprocessed CT (1, D, H, W) and a report text."""
+    batch = tokenize(run.text.tokenizer, [report], run.profile.model.max_tokens)
+    batch["ct"] = ct[None]
+    return batch
+
+
+def patient_maps(run: TrainedRun, batch: Mapping[str, torch.Tensor], with_grad_cam: bool = True
+                 ) -> dict[str, np.ndarray]:
+    """Every map of one patient's batch, averaged over the run's fold models: name -> (D, H, W)."""
+    size = tuple(batch["ct"].shape[2:])
+    per_model = []
+    for model in run.models:
+        maps = {name: v[0] for name, v in _volumes(_output(model, batch), size, None).items()}
+        if with_grad_cam:
+            maps[GRAD_CAM] = grad_cam(model, batch)[0]
+        per_model.append(maps)
+    return {name: np.mean([_numpy(maps[name]) for maps in per_model], axis=0) for name in per_model[0]}
+
+
+def localisation_table(run: TrainedRun, manifest: str | Path, patient_ids: Sequence[str] | None = None
+                       ) -> pd.DataFrame:
+    """:func:`attention_in_mask` of every map (each fusion attention map and Grad-CAM) of each patient.
+
+    ``manifest`` needs a ``mask_path`` column (label mask: 1 haematoma, 2 intraventricular blood);
+    the haematoma is its parenchymal part. One row per (patient_id, method) with the label and
+    the four numbers; ``patient_ids`` picks patients (default: all).
+    """
+    manifest = Path(manifest)
+    rows = load_manifest(manifest).set_index("patient_id", drop=False)
+    if "mask_path" not in rows.columns:
+        raise IchproError(f"manifest {manifest} has no mask_path column: localisation needs each "
+                          "patient's haematoma mask")
+    pipeline = preprocess_transforms(run.profile.preprocess, with_blood=True)
+    ids = list(rows.index if patient_ids is None else patient_ids)
+    unknown = [pid for pid in ids if pid not in rows.index]
+    if unknown:
+        raise IchproError(f"patient {unknown[0]!r} is not in manifest {manifest}")
+    records = []
+    for pid in ids:
+        row = rows.loc[pid]
+        data = pipeline({"ct": row["ct_path"], "blood": str(manifest.parent / row["mask_path"])})
+        brain = brain_of(data["ct"][0])
+        for method, heatmap in patient_maps(run, _batch(run, data["ct"], row["report"])).items():
+            records.append({"patient_id": pid, "label": int(row["label"]), "method": method,
+                            **attention_in_mask(heatmap, data["blood"][0], brain)})
+    return pd.DataFrame.from_records(records)
+
+
+def localisation_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Mean of each measure per method (pointing_hit becomes the pointing-game hit rate)."""
+    numbers = table.astype({"pointing_hit": float})
+    return numbers.groupby("method")[list(MEASURES)].mean()
+
+
+# --------------------------------------------------------------------------------------------
+# Counterfactual reports
+
+
+def edit_report(report_text: str, **changes: object) -> str:
+    """The report with some fields replaced (e.g. ``gcs=5``; ``None`` removes a field).
+
+    The report is parsed and rendered back in the canonical style: other fields keep their values,
+    unknown lines and the layout do not survive.
+    """
+    names = [f.name for f in fields(Report)]
+    unknown = sorted(set(changes) - set(names))
+    if unknown:
+        raise IchproError(f"unknown report field(s) {', '.join(unknown)}: use {', '.join(names)}")
+    text = render(replace(parse(report_text), **changes))
+    parse(text)
+    return text
+
+
+def _model_input(run: TrainedRun, ct: str | Path | torch.Tensor) -> torch.Tensor:
+    """A preprocessed CT (1, D, H, W): given as such, or read from a path."""
+    if isinstance(ct, torch.Tensor):
+        return ct
+    if not Path(ct).exists():
+        raise IchproError(f"CT {ct} not found; give a NIfTI file, a DICOM series folder or the model input")
+    return preprocess_transforms(run.profile.preprocess)({"ct": str(ct)})["ct"]
+
+
+def _p_bad(run: TrainedRun, batch: Mapping[str, torch.Tensor]) -> float:
+    """P(bad outcome), the mean over the run's fold models."""
+    return float(np.mean([float(_output(m, batch).logits.float().softmax(dim=1)[0, 1]) for m in run.models]))
+
+
+def counterfactual(run: TrainedRun, ct: str | Path | torch.Tensor, report: str,
+                   changes: Mapping[str, object]) -> dict[str, object]:
+    """P(bad) and attention maps of one CT with its report before and after :func:`edit_report`.
+
+    ``ct`` is a CT path or the preprocessed input (1, D, H, W); ``report`` the text or a file. The
+    "before" report is the original re-rendered canonically, so only ``changes`` differ. Returns
+    report_before/after, p_bad_before/after, attention_before/after (name -> (D, H, W)).
+    """
+    image = _model_input(run, ct)
+    before = edit_report(read_report(report))
+    after = edit_report(before, **changes)
+    result: dict[str, object] = {"report_before": before, "report_after": after}
+    for when, text in (("before", before), ("after", after)):
+        batch = _batch(run, image, text)
+        result[f"p_bad_{when}"] = _p_bad(run, batch)
+        result[f"attention_{when}"] = patient_maps(run, batch, with_grad_cam=False)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Back to the original CT
+
+
+def to_original_grid(volume: np.ndarray | torch.Tensor, ct_path: str | Path,
+                     preprocess: PreprocessConfig) -> np.ndarray:
+    """A map on the model grid (D, H, W) moved onto the CT's own voxel grid (the array as read from
+    the file, before any reorientation).
+
+    The CT is preprocessed again, keeping MONAI's record of its spatial steps; the map then goes
+    through their inverses in reverse order (resize back with the forward's area mode, model axes
+    back to RAS, zero padding where the crop to the brain cut, the stored orientation).
+    """
+    steps = preprocess_steps(preprocess)
+    data: dict = {"ct": str(ct_path)}
+    for name, step in steps.items():
+        if name != "to_tensor":
+            data = step(data)
+    image = data["ct"]
+    volume = torch.as_tensor(_numpy(volume), dtype=torch.float32)
+    if tuple(volume.shape) != tuple(image.shape[1:]):
+        raise IchproError(f"the map has shape {tuple(volume.shape)}, not the model grid "
+                          f"{tuple(image.shape[1:])} of this preprocessing")
+    # each operation is recorded by the array transform inside a dictionary step
+    recorded = {id(t): t for step in steps.values() for t in vars(step).values()
+                if isinstance(t, InvertibleTransform)}
+    moved = MetaTensor(volume[None], affine=image.affine, applied_operations=list(image.applied_operations))
+    for operation in reversed(image.applied_operations):
+        moved = recorded[operation[TraceKeys.ID]].inverse(moved)
+    return moved[0].numpy()
