@@ -88,7 +88,7 @@ class PretrainConfig:
     n_patients: int = 96
     epochs: int = 6
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 3e-3
     held_out: float = 0.2  # share of the pretraining cohort kept for Dice and volume MAE
     volume_weight: float = 0.5
 
@@ -123,11 +123,11 @@ PROFILES: dict[str, Profile] = {
         cohort="cpu",
         preprocess=PreprocessConfig(spatial_size=(32, 64, 64)),
         model=ModelConfig(vision_depth=18, vision_widths=(16, 32, 64, 128), vision_no_max_pool=True,
-                          text_encoder="minilm", dim=64, grid=(4, 4, 4), heads=8,
-                          header_blocks=(6, 12, 24, 16), header_growth=16, freeze_vision=True,
+                          text_encoder="minilm", dim=64, grid=(2, 4, 4), heads=8,
+                          header_blocks=(2, 4, 8, 4), header_growth=16, freeze_vision=True,
                           freeze_text=True),
-        train=TrainConfig(epochs=10, batch_size=16, lr=3e-4, patience=4),
-        pretrain=PretrainConfig(n_patients=240, epochs=8),
+        train=TrainConfig(epochs=10, batch_size=32, lr=3e-4, patience=3),
+        pretrain=PretrainConfig(n_patients=200, epochs=6),
     ),
     "paper": Profile(
         "paper",

@@ -46,7 +46,7 @@ def test_pretraining_writes_a_card_and_weights_that_reload(small_cohort, tmp_pat
     assert card["train_patients"] + card["held_out_patients"] == 32
     assert [h["epoch"] for h in card["history"]] == [1, 2]
     assert 0 <= card["held_out"]["held_out_dice"] <= 1 and card["held_out"]["held_out_volume_mae_ml"] > 0
-    assert "haematoma Dice" in (tmp_path / "card.md").read_text()
+    assert "haematoma soft Dice" in (tmp_path / "card.md").read_text()
     cfg = SMOKE.model
     encoder = VisionEncoder(cfg.vision_depth, cfg.vision_widths, cfg.vision_no_max_pool)
     encoder.load_weights(tmp_path / "vision.safetensors")
