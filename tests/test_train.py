@@ -191,3 +191,28 @@ def test_predict_rejects_bad_inputs_clearly(finished_run, smoke_cohort, tmp_path
         predict_patient(run, report, "Age: 60")
     with pytest.raises(IchproError, match="report is empty"):
         predict_patient(run, next((smoke_cohort / "ct").glob("*[0-9].nii.gz")), "  ")
+
+
+def test_a_frozen_fit_encodes_each_ct_once_and_end_to_end_every_step(manifest, ct_cache, tmp_path,
+                                                                     monkeypatch):
+    """What makes frozen fits fast: the 3D encoder sees each CT once, not at every step."""
+    from ichpro.models.encoders import VisionEncoder
+    from ichpro.pretrain import ensure_pretrained
+
+    ensure_pretrained(FAST, quiet=True)  # pretraining runs the encoder too: not counted here
+    seen = []
+    original = VisionEncoder.forward
+    monkeypatch.setattr(VisionEncoder, "forward", lambda self, ct: seen.append(len(ct)) or original(self, ct))
+    small = manifest.iloc[:40].reset_index(drop=True)
+    quick = replace(FAST, train=replace(FAST.train, epochs=2, n_folds=2))
+    end_to_end = replace(quick, model=replace(quick.model, freeze_vision=False))
+    cross_validate(quick, small, tmp_path / "frozen", quiet=True, cache_dir=tmp_path / "cache")
+    frozen_calls = sum(seen)
+    seen.clear()
+    cross_validate(end_to_end, small, tmp_path / "e2e", quiet=True, cache_dir=tmp_path / "cache")
+    assert frozen_calls == len(small)
+    # every epoch encodes the training and validation patients again, then the test fold
+    assert sum(seen) == 2 * (2 * (16 + 4) + 20)  # folds x (epochs x (train + val) + test)
+    seen.clear()
+    again = cross_validate(quick, small, tmp_path / "frozen-again", quiet=True, cache_dir=tmp_path / "cache")
+    assert len(again) == len(small) and not seen  # the disk cache: nothing encoded again
