@@ -13,6 +13,7 @@ the ceiling: the AUC of the synthetic cohort's oracle for the row's inputs (``tr
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from scipy.stats import spearmanr
 
 from ichpro.config import Profile
 from ichpro.data import config_hash
@@ -116,7 +118,8 @@ def run_rows(rows: list[Row], profile: Profile, manifest: pd.DataFrame, out: str
              train: Callable | None = None) -> dict[str, pd.DataFrame]:
     """Cross-validate every row not finished yet; returns each row's out-of-fold predictions.
 
-    A finished row is loaded, not retrained; an interrupted row continues with ``resume``.
+    A finished row is loaded, not retrained; an interrupted row continues with ``resume``. A line per
+    row is printed unless ``quiet``; the fold and epoch progress bars only on a terminal.
     ``train`` (default :func:`ichpro.train.cross_validate`) is the function that fits one row.
     """
     from ichpro.train import cross_validate
@@ -131,7 +134,8 @@ def run_rows(rows: list[Row], profile: Profile, manifest: pd.DataFrame, out: str
                 print(f"[{i}/{len(rows)}] {row.name}: training in {folder}", flush=True)
             start = time.perf_counter()
             train(row_profile(profile, row), row_manifest(manifest, row), folder, seed=seed,
-                  resume=resume or folder.is_dir(), quiet=quiet, cache_dir=cache_dir)
+                  resume=resume or folder.is_dir(), quiet=quiet or not sys.stderr.isatty(),
+                  cache_dir=cache_dir)
             (folder / "timing.json").write_text(json.dumps({"seconds": time.perf_counter() - start}) + "\n")
         predictions[row.name] = pd.read_csv(done)
     return predictions
@@ -193,7 +197,7 @@ def run_table(name: str, profile: Profile, manifest: pd.DataFrame, out: str | Pa
 
 def to_markdown(table: pd.DataFrame) -> str:
     """The summary as a Markdown table: paper | ours (95 % CI) per metric, DeLong p and ceiling."""
-    header = ["row"] + [f"{m} paper | ours (95 % CI)" for m in TABLE_METRICS] + ["DeLong p", "ceiling AUC"]
+    header = ["row"] + [f"{m} paper \\| ours (95 % CI)" for m in TABLE_METRICS] + ["DeLong p", "ceiling AUC"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table.to_dict("records"):
         cells = [r["row"]]
@@ -204,6 +208,43 @@ def to_markdown(table: pd.DataFrame) -> str:
         cells.append("—" if np.isnan(r["ceiling_auc"]) else f"{r['ceiling_auc']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def describe_table(table: pd.DataFrame, reference: str) -> list[str]:
+    """Sentences about a results table that hold whatever its numbers are (best rows, DeLong, ranks)."""
+    t = table.set_index("row")
+
+    def ci(r: str) -> str:
+        return f"{t.at[r, 'auc']:.3f} (95 % CI {t.at[r, 'auc_ci_low']:.3f}-{t.at[r, 'auc_ci_high']:.3f})"
+
+    best, paper = t["auc"].idxmax(), t.dropna(subset=["paper_auc"])
+    paper_best = paper["paper_auc"].idxmax()
+    said = [f"Best row by AUC: ours {best}, {ci(best)}; the paper's {paper_best}, "
+            f"{paper.at[paper_best, 'paper_auc']:.3f}" + (" (the same row)." if best == paper_best
+                                                          else " (not the same row).")]
+    if best != reference:
+        rank = int(t["auc"].rank(ascending=False, method="min")[reference])
+        overlap = t.at[reference, "auc_ci_high"] >= t.at[best, "auc_ci_low"]
+        said.append(f"{reference} ranks {rank} of {len(t)} with AUC {ci(reference)}; its CI "
+                    f"{'overlaps' if overlap else 'does not overlap'} the best row's.")
+    p = t["delong_p"].dropna()
+    sig = list(p.index[p < 0.05])
+    said.append(f"{len(sig)} of {len(p)} rows differ from {reference} at p < 0.05 (DeLong, uncorrected; "
+                f"{(p < 0.05 / len(p)).sum()} at the Bonferroni threshold p < {0.05 / len(p):.3g})"
+                + (f": {'; '.join(sig)}." if sig else "."))
+    rho = spearmanr(paper["paper_auc"], paper["auc"]).statistic
+    said.append(f"Spearman rank correlation of the paper's AUCs with ours over the {len(paper)} rows the "
+                "paper has: " + ("undefined (tied AUCs)." if np.isnan(rho) else f"rho = {rho:+.2f}"
+                                 + (f" (with {len(paper)} rows rho can take only a few values)."
+                                    if len(paper) < 5 else ".")))
+    gap = t["ceiling_auc"] - t["auc"]
+    said.append("Gap to the oracle ceiling (ceiling AUC - our AUC): "
+                + "; ".join(f"{r} {g:+.3f}" for r, g in gap.items())
+                + f"; smallest for {gap.idxmin()}, largest for {gap.idxmax()}.")
+    if (gap < 0).any():
+        said.append(f"{'; '.join(gap.index[gap < 0])} score above the ceiling: the oracle is best only on "
+                    "average, so on a small cohort a model can beat it by chance.")
+    return said
 
 
 def write_table(table: pd.DataFrame, path_stem: str | Path, title: str) -> list[Path]:

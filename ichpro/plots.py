@@ -105,8 +105,8 @@ def plot_table_auc(table: pd.DataFrame, title: str) -> plt.Figure:
     ax.scatter(table["ceiling_auc"], y, marker="|", s=200, color="black", zorder=3, label="oracle ceiling")
     ax.axvline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_yticks(y, table["row"])
-    ax.set_xlim(0.4, 1.0)
+    ax.set_xlim(min(0.4, np.nanmin(table["auc_ci_low"]) - 0.02), 1.0)
     ax.set_xlabel("ROC AUC (out-of-fold)")
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return fig
