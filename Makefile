@@ -26,6 +26,9 @@ reproduce: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check ichpro tests bench
 
