@@ -288,20 +288,9 @@ def fold_trainer(profile: Profile, source, text, folder: Path):
 
 
 def train_step(trainer, batch: dict, generator: torch.Generator) -> None:
-    """One training step as ``FoldTrainer`` takes it (no autocast: ``amp`` is off on CPU): MLM masking,
-    forward, the full loss, backward, the Adam update."""
-    from ichpro.text import mask_tokens
-    from ichpro.train import _loss_inputs
-
-    cfg = trainer.profile.loss
-    if trainer.loss.needs_mlm and "masked_text_states" not in batch:
-        batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(batch["input_ids"], trainer.tokenizer,
-                                                                  cfg.mlm_probability, generator)
+    """One training step exactly as ``FoldTrainer`` takes it, in training mode."""
     trainer.model.train()
-    total, _ = trainer.loss(**_loss_inputs(trainer.model(**batch), batch))
-    total.backward()
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.train_step(batch, generator)
 
 
 def fill_feature_cache(profile: Profile, manifest: pd.DataFrame, text, cache_dir: Path):

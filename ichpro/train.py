@@ -372,6 +372,24 @@ class FoldTrainer:
         write_json(self.folder / "state.json", {**self.state, "optimizer": meta, "rng": _rng_state()})
 
     # -- steps
+    def train_step(self, batch: dict[str, Any], generator: torch.Generator, update: bool = True
+                   ) -> dict[str, float]:
+        """One step: draw MLM masks (unless cached variants came with the batch), forward, the loss,
+        backward; ``update`` applies and clears the accumulated gradients. Returns the loss terms."""
+        cfg = self.profile.train
+        if self.loss.needs_mlm and "masked_text_states" not in batch:
+            masked, labels = mask_tokens(batch["input_ids"].cpu(), self.tokenizer,
+                                         self.profile.loss.mlm_probability, generator)
+            batch["mlm_input_ids"], batch["mlm_labels"] = masked.to(self.device), labels.to(self.device)
+        with autocast(self.device, cfg.amp):
+            out = self.ddp_model(**batch)
+            total, terms = self.loss(**_loss_inputs(out, batch))
+        (total / cfg.grad_accumulation).backward()
+        if update:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return terms
+
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.profile.train
         self.ddp_model.train()
@@ -381,18 +399,8 @@ class FoldTrainer:
         steps = list(batches(self.fold.train, cfg.batch_size, generator, self.dist))
         for i, idx in enumerate(tqdm(steps, desc=f"fold {self.fold.index} epoch {epoch}",
                                      leave=False, disable=self.quiet or not self.dist.is_main)):
-            batch = self.source.batch(idx, self.device, epoch)
-            if self.loss.needs_mlm and "masked_text_states" not in batch:
-                masked, labels = mask_tokens(batch["input_ids"].cpu(), self.tokenizer,
-                                             self.profile.loss.mlm_probability, generator)
-                batch["mlm_input_ids"], batch["mlm_labels"] = masked.to(self.device), labels.to(self.device)
-            with autocast(self.device, cfg.amp):
-                out = self.ddp_model(**batch)
-                total, terms = self.loss(**_loss_inputs(out, batch))
-            (total / cfg.grad_accumulation).backward()
-            if (i + 1) % cfg.grad_accumulation == 0 or i + 1 == len(steps):
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+            update = (i + 1) % cfg.grad_accumulation == 0 or i + 1 == len(steps)
+            terms = self.train_step(self.source.batch(idx, self.device, epoch), generator, update)
             for name, value in terms.items():
                 sums[name] = sums.get(name, 0.0) + value * len(idx)
             n += len(idx)
