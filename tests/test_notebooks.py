@@ -15,6 +15,7 @@ EXPECTED_FIGURES = {
     "01": ("cohort_distributions.png", "cohort_calibration.png", "cohort_calibration.csv",
            "cohort_ct_examples.png", "oracle_auc.csv", "oracle_roc.png"),
     "02": ("preprocessing_steps.png",),
+    "03": ("encoders_pretraining.png", "encoders_pretrained_features.png"),
     "07": ("table1_modalities.csv", "table1_modalities.md", "table1_modalities.png"),
     "08": ("table2_fusion.csv", "table2_fusion.md", "table2_fusion.png"),
     "09": ("table3_losses.csv", "table3_losses.md", "table3_losses.png"),
