@@ -74,7 +74,7 @@ def test_cpu_profile_shapes():
     with torch.no_grad():
         out = model(ct=torch.rand(1, 1, *cpu.preprocess.spatial_size), input_ids=ids,
                     attention_mask=torch.ones_like(ids))
-    assert out.logits.shape == (1, 2) and out.fused.shape == (1, 64, 8, 8, 8)
+    assert out.logits.shape == (1, 2) and out.fused.shape == (1, 64, 4, 8, 8)  # twice the 2x4x4 grid
 
 
 def test_paper_profile_parameter_counts_and_shapes():
