@@ -217,9 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="cross-validate a model on a cohort or manifest",
                        description="Patient-level stratified k-fold cross-validation; writes "
                                    "oof_predictions.csv, metrics.csv, checkpoints and run.json to --out.")
-    p.add_argument("--profile", default="smoke", help="smoke, cpu or paper (default smoke)")
-    p.add_argument("--data", required=True, help="cohort folder (with manifest.csv) or a manifest CSV")
-    p.add_argument("--out", required=True, type=Path, help="run folder")
+    _add_run_options(p, out="run folder", resume="continue an interrupted run in --out")
     p.add_argument("--fusion", choices=FUSION_STRUCTURES, help="fusion structure (default cross-self)")
     p.add_argument("--loss", help="loss terms, e.g. 'vtmf' or 'ce=1,imima=1,sdm=0.5,mlm=0.5'")
     p.add_argument("--epochs", type=int, help="override the profile's epochs")
@@ -229,13 +227,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accumulation", type=int, help="batches per optimizer step")
     p.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     p.add_argument("--amp", choices=("auto", "bf16", "fp16", "off"), help="mixed precision")
-    p.add_argument("--seed", type=int, default=0, help="seed for folds, initialisation and training")
-    _add_encoder_options(p)
-    p.add_argument("--cache", type=Path, default=cache_root(),
-                   help="cache of preprocessed CTs and frozen-encoder outputs (default $ICHPRO_CACHE "
-                        "or ~/.cache/ichpro)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("table", help="reproduce one of the paper's result tables",
@@ -245,16 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the oracle ceiling (from the cohort's truth.csv when present).")
     p.add_argument("name", help="table1_modalities, table2_fusion, table3_losses, ...; an unknown name "
                                 "lists them all")
-    p.add_argument("--profile", default="smoke", help="smoke, cpu or paper (default smoke)")
-    p.add_argument("--data", required=True, help="cohort folder (with manifest.csv) or a manifest CSV")
-    p.add_argument("--out", required=True, type=Path, help="folder for the rows' runs and the table")
-    p.add_argument("--seed", type=int, default=0, help="seed for folds, initialisation and training")
+    _add_run_options(p, out="folder for the rows' runs and the table", resume="continue an interrupted row")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the CIs")
-    _add_encoder_options(p)
-    p.add_argument("--cache", type=Path, default=cache_root(),
-                   help="cache of preprocessed CTs and frozen-encoder outputs")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted row")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_table)
 
     p = sub.add_parser("evaluate", help="metrics with bootstrap CIs of a run's predictions",
@@ -290,7 +273,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_encoder_options(p: argparse.ArgumentParser) -> None:
+def _add_run_options(p: argparse.ArgumentParser, out: str, resume: str) -> None:
+    """The options of the commands that cross-validate (train, table)."""
+    p.add_argument("--profile", default="smoke", help="smoke, cpu or paper (default smoke)")
+    p.add_argument("--data", required=True, help="cohort folder (with manifest.csv) or a manifest CSV")
+    p.add_argument("--out", required=True, type=Path, help=out)
+    p.add_argument("--seed", type=int, default=0, help="seed for folds, initialisation and training")
     p.add_argument("--vision-weights", help="local vision encoder weights (e.g. MedicalNet .pth, or a "
                                             "pretrain-vision output) instead of the profile's")
     frozen = p.add_mutually_exclusive_group()
@@ -298,6 +286,11 @@ def _add_encoder_options(p: argparse.ArgumentParser) -> None:
                         help="fine-tune both encoders (the paper profile's default)")
     frozen.add_argument("--freeze-encoders", action="store_true",
                         help="freeze both encoders and cache their outputs (smoke and cpu default)")
+    p.add_argument("--cache", type=Path, default=cache_root(),
+                   help="cache of preprocessed CTs and frozen-encoder outputs (default $ICHPRO_CACHE "
+                        "or ~/.cache/ichpro)")
+    p.add_argument("--resume", action="store_true", help=resume)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def main(argv: list[str] | None = None) -> int:
