@@ -27,7 +27,7 @@ from ichpro.config import Profile
 from ichpro.data import config_hash
 from ichpro.errors import IchproError
 from ichpro.losses import parse_loss_spec
-from ichpro.metrics import delong_test, metrics_table
+from ichpro.metrics import classification_metrics, delong_test, metrics_table
 from ichpro.paper import reported_tables
 from ichpro.reports import drop_field
 
@@ -182,7 +182,7 @@ def _ceiling(truth: pd.DataFrame | None, oof: pd.DataFrame, inputs: str) -> floa
     if truth is None or column not in truth:
         return np.nan
     oracle = truth.set_index("patient_id").loc[oof["patient_id"], column].to_numpy()
-    return float(metrics_table(oof["label"], oracle, n_boot=1, metrics=("auc",))["value"].iloc[0])
+    return classification_metrics(oof["label"], oracle)["auc"]
 
 
 def run_table(name: str, profile: Profile, manifest: pd.DataFrame, out: str | Path, *,

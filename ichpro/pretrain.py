@@ -148,7 +148,8 @@ def pretrain_vision(profile: Profile, out: str | Path, *, resume: bool = False, 
     data = load_examples(profile, cohort, quiet)
     n = len(data["ct"])
     order = np.random.default_rng(cfg.seed).permutation(n)
-    held_out, train = order[: max(1, round(cfg.held_out * n))], order[max(1, round(cfg.held_out * n)):]
+    n_held_out = max(1, round(cfg.held_out * n))
+    held_out, train = order[:n_held_out], order[n_held_out:]
 
     torch.manual_seed(cfg.seed)
     net = PretrainNet(profile).to(memory_format=torch.channels_last_3d)  # ~30 % faster 3D convs on CPU
