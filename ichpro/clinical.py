@@ -156,8 +156,9 @@ def standardize(frame: pd.DataFrame, stats: dict[str, tuple[float, float]]) -> n
     return np.nan_to_num((frame[list(stats)].to_numpy(float) - mean) / std, nan=0.0)
 
 
-def logistic_regression_cv(manifest: pd.DataFrame, folds: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Out-of-fold P(bad) of a logistic regression on :func:`design_matrix`.
+def logistic_regression_cv(manifest: pd.DataFrame, folds: np.ndarray, seed: int = 0,
+                           features: pd.DataFrame | None = None) -> np.ndarray:
+    """Out-of-fold P(bad) of a logistic regression on ``features`` (default :func:`design_matrix`).
 
     For each fold k the model is fitted on the other folds only, with standardization and mean
     imputation from those folds, and predicts fold k.
@@ -166,7 +167,7 @@ def logistic_regression_cv(manifest: pd.DataFrame, folds: np.ndarray, seed: int 
     labels = manifest["label"].to_numpy(int)
     if len(folds) != len(manifest):
         raise IchproError(f"got {len(folds)} fold indices for {len(manifest)} patients: give one per patient")
-    x = design_matrix(manifest).reset_index(drop=True)
+    x = (design_matrix(manifest) if features is None else features).reset_index(drop=True)
     p_bad = np.empty(len(manifest))
     for fold in np.unique(folds):
         test = folds == fold
@@ -179,3 +180,24 @@ def logistic_regression_cv(manifest: pd.DataFrame, folds: np.ndarray, seed: int 
         p_bad[test] = model.predict_proba(standardize(x[test], stats))[:, 1]
     return p_bad
 
+
+
+#: Baselines without a neural network, by name: a logistic regression on the clinical fields, and
+#: each clinical score turned into P(bad) by a one-variable logistic regression.
+CLINICAL_BASELINES = ("logistic_regression", "ich_score", "func_score")
+
+
+def clinical_baseline_cv(name: str, manifest: pd.DataFrame, folds: np.ndarray, seed: int = 0
+                         ) -> tuple[np.ndarray, int]:
+    """Out-of-fold P(bad) of a :data:`CLINICAL_BASELINES` entry and its number of fitted parameters.
+
+    A score is a fixed formula; to read it as a probability (for accuracy, F1 and calibration),
+    each fold maps the score's risk to P(bad) with a logistic regression fitted on the other folds.
+    The map is monotone, so the score's AUC is that of the formula itself.
+    """
+    if name not in CLINICAL_BASELINES:
+        raise IchproError(f"unknown clinical baseline {name!r}; "
+                          f"choose one of {', '.join(CLINICAL_BASELINES)}")
+    features = (design_matrix(manifest) if name == "logistic_regression"
+                else clinical_scores(manifest)[[f"{name}_risk"]])
+    return logistic_regression_cv(manifest, folds, seed, features), features.shape[1] + 1

@@ -52,6 +52,8 @@ class ModelConfig:
     header_growth: int = 32
     freeze_vision: bool = False
     freeze_text: bool = False
+    comparator: str | None = None  # train this comparator (ichpro.models.comparators) instead of ICHPro
+    comparator_input: tuple[int, int, int] | None = None  # CT size comparators train on (None: the profile's)
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ PROFILES: dict[str, Profile] = {
         model=ModelConfig(vision_depth=10, vision_widths=(8, 16, 32, 64), vision_no_max_pool=True,
                           text_encoder="tiny", dim=32, grid=(2, 4, 4), heads=4,
                           header_blocks=(2, 2, 2, 2), header_growth=8, freeze_vision=True,
-                          freeze_text=True),
+                          freeze_text=True, comparator_input=(16, 32, 32)),
         train=TrainConfig(epochs=4, batch_size=8, lr=1e-4),
         pretrain=PretrainConfig(n_patients=48, epochs=4),
     ),
@@ -125,7 +127,7 @@ PROFILES: dict[str, Profile] = {
         model=ModelConfig(vision_depth=18, vision_widths=(16, 32, 64, 128), vision_no_max_pool=True,
                           text_encoder="minilm", dim=64, grid=(2, 4, 4), heads=8,
                           header_blocks=(2, 4, 8, 4), header_growth=16, freeze_vision=True,
-                          freeze_text=True),
+                          freeze_text=True, comparator_input=(16, 32, 32)),
         train=TrainConfig(epochs=10, batch_size=32, lr=3e-4, patience=3),
         pretrain=PretrainConfig(n_patients=200, epochs=6),
     ),

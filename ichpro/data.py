@@ -252,6 +252,8 @@ def _normalise(df: pd.DataFrame, root: Path) -> pd.DataFrame:
     out = df.copy()
     out["patient_id"] = out["patient_id"].map(_text)
     out["ct_path"] = [str(_resolve(_text(p), root)) for p in out["ct_path"]]
+    if "mask_path" in out.columns:
+        out["mask_path"] = [str(_resolve(_text(p), root)) if _text(p) else None for p in out["mask_path"]]
     out["report"] = [_report_text(record, root) for record in df.to_dict("records")]
     if "label" in out.columns:
         out["label"] = out["label"].map(_number).astype(int)
@@ -626,6 +628,25 @@ def preprocess_transforms(cfg: PreprocessConfig, with_blood: bool = False) -> Co
     With ``with_blood``, {"ct": path, "blood": mask path} also gives the (2, D, H, W) blood shares.
     """
     return _Pipeline(list(preprocess_steps(cfg, with_blood).values()))
+
+
+def haematoma_volumes(manifest: pd.DataFrame) -> np.ndarray:
+    """Haematoma volume (mL) of each patient: the label-1 voxels of its ``mask_path`` (1 haematoma,
+    2 intraventricular blood) times the voxel volume; the ``volume_ml`` column where there is no mask."""
+    absent = pd.Series(np.nan, index=manifest.index)
+    masks, noted = (manifest.get(name, absent) for name in ("mask_path", "volume_ml"))
+    volumes = []
+    for mask_path, volume, pid in zip(masks, noted, manifest["patient_id"]):
+        if _text(mask_path):
+            image = nib.load(str(mask_path))
+            voxel_ml = abs(np.linalg.det(image.affine[:3, :3])) / 1000
+            volumes.append(float((np.asarray(image.dataobj) == 1).sum() * voxel_ml))
+        elif _number(volume) is not None:
+            volumes.append(float(volume))
+        else:
+            raise ManifestError(f"patient {pid} has neither a mask_path nor a volume_ml: the haematoma "
+                                "volume target needs one of them for every patient")
+    return np.array(volumes)
 
 
 def load_ct(path: str | Path) -> tuple[np.ndarray, np.ndarray]:

@@ -26,7 +26,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +34,30 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from sklearn.model_selection import train_test_split
 from torch import nn
 from tqdm.auto import tqdm
 
+from ichpro.clinical import CLINICAL_BASELINES, clinical_baseline_cv, clinical_fields
 from ichpro.config import Profile
-from ichpro.data import config_hash, make_dataset, make_folds
+from ichpro.data import config_hash, haematoma_volumes, make_dataset, make_folds
 from ichpro.errors import IchproError
 from ichpro.features import cache_key, cached, files_digest, tensors_digest, weights_digest
 from ichpro.losses import CompositeLoss
 from ichpro.metrics import classification_metrics
 from ichpro.models import ICHPro, build_model
+from ichpro.models.comparators import (
+    SIZES,
+    Comparator,
+    build_comparator,
+    clinical_tensor,
+    count_parameters,
+    image_report,
+    measure_ct_file,
+    template_tokens,
+)
 from ichpro.pretrain import ensure_pretrained, with_vision_weights
 from ichpro.text import TextBackbone, load_text_backbone, mask_tokens, tokenize
 
@@ -119,12 +131,13 @@ class BatchSource:
 
     After :meth:`precompute`, a frozen vision encoder's feature maps replace the CTs and a frozen
     text encoder's token states (and masked-report variants for MLM) replace the reports; see
-    :mod:`ichpro.features` for the disk cache.
+    :mod:`ichpro.features` for the disk cache. :meth:`load_comparator_inputs` holds what a
+    comparator reads in memory instead (see :mod:`ichpro.models.comparators` for the batch keys).
     """
 
     def __init__(self, manifest: pd.DataFrame, profile: Profile, text: TextBackbone,
                  cache_dir: Path | None):
-        self.profile, self.tokenizer = profile, text.tokenizer
+        self.profile, self.tokenizer, self.manifest = profile, text.tokenizer, manifest
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.labels = torch.tensor(manifest["label"].to_numpy(), dtype=torch.long)
         self.patient_ids = manifest["patient_id"].astype(str).tolist()
@@ -180,6 +193,53 @@ class BatchSource:
             self._store(self.masked, key, lambda: {"masked_text_states": torch.stack(
                 [states(variant) for variant in masked_ids])})
 
+    @torch.no_grad()
+    def load_comparator_inputs(self, inputs: tuple[str, ...], quiet: bool = False) -> None:
+        """Hold the per-patient tensors a comparator reads (its ``INPUTS``) in memory.
+
+        ``ct``: the preprocessed CTs resized (area interpolation) to ``ModelConfig.comparator_input``;
+        ``gcs``, ``age``: raw values; ``volume_ml``: the true haematoma volume
+        (:func:`ichpro.data.haematoma_volumes`); ``image_text``: the template text of
+        :func:`ichpro.models.comparators.image_report` measured on each CT file. CTs and template
+        text go through the disk cache. ``clinical`` is set per fold by :meth:`standardize_clinical`.
+        """
+        n, size = len(self.labels), self.profile.model.comparator_input
+        if "ct" in inputs:
+            def load_cts() -> dict[str, torch.Tensor]:
+                cts = torch.stack([self.dataset[i]["ct"] for i in tqdm(range(n), desc="loading CTs",
+                                                                         disable=quiet, leave=False)])
+                resized = size is not None and tuple(cts.shape[2:]) != tuple(size)
+                return {"ct": F.interpolate(cts, size=tuple(size), mode="area") if resized else cts}
+
+            key = cache_key("comparator-ct", preprocess=asdict(self.profile.preprocess), size=size,
+                            cts=files_digest(self.ct_paths))
+            self._store(self.features, key, load_cts)
+        if "image_text" in inputs:
+            def template_text() -> dict[str, torch.Tensor]:
+                texts = [image_report(measure_ct_file(path))
+                         for path in tqdm(self.ct_paths, desc="measuring CTs", disable=quiet, leave=False)]
+                ids, mask = template_tokens(texts)
+                return {"image_text_ids": ids, "image_text_mask": mask}
+
+            key = cache_key("image-text", cts=files_digest(self.ct_paths))
+            self._store(self.features, key, template_text)
+        fields = clinical_fields(self.manifest)
+        for name in ("gcs", "age"):
+            if name in inputs:
+                missing = fields[name].isna()
+                if missing.any():
+                    raise IchproError(f"{int(missing.sum())} patient(s) have no {name} (column or report), "
+                                      f"e.g. {self.manifest['patient_id'][missing].iloc[0]}: this comparator "
+                                      f"predicts {name} and needs it for every patient")
+                self.features[name] = torch.tensor(fields[name].to_numpy(), dtype=torch.float32)
+        if "volume_ml" in inputs:
+            self.features["volume_ml"] = torch.tensor(haematoma_volumes(self.manifest), dtype=torch.float32)
+
+    def standardize_clinical(self, train: np.ndarray) -> None:
+        """The ``clinical`` batch tensor, standardized with the mean and std of the ``train`` patients."""
+        _, stats = clinical_tensor(self.manifest.iloc[train])
+        self.features["clinical"] = clinical_tensor(self.manifest, stats)[0]
+
     def _store(self, into: dict[str, torch.Tensor], key: str, compute) -> None:
         tensors, self.cache_hits[key.split("-")[0]] = cached(self.cache_dir, key, compute)
         into.update(tensors)
@@ -190,7 +250,7 @@ class BatchSource:
         With cached masked-report variants, ``epoch`` (from 1) picks the variant the MLM term uses.
         """
         batch = {k: v[idx].to(device) for k, v in {**self.tokens, **self.features}.items()}
-        if "vision_features" not in batch and self.profile.model.modality != "text":
+        if not {"ct", "vision_features"} & batch.keys() and self.profile.model.modality != "text":
             batch["ct"] = torch.stack([self.dataset[i]["ct"] for i in idx]).to(device)
         if self.masked and epoch is not None:
             variant = (epoch - 1) % self.profile.loss.mlm_variants
@@ -317,18 +377,35 @@ def _loss_inputs(out, batch: dict[str, Any]) -> dict[str, Any]:
             "text_logits": out.text_logits}
 
 
-def fresh_model(profile: Profile, text: TextBackbone, seed: int) -> ICHPro:
-    """The model every fold starts from: seeded, with its own copy of the text encoder.
+def comparator_size(profile: Profile) -> str:
+    """The comparator size of a profile: its name when that is a size (smoke, cpu), else "paper"."""
+    return profile.name if profile.name in SIZES else "paper"
+
+
+def encoders_profile(profile: Profile) -> Profile:
+    """The profile's ICHPro model: where a comparator that reads the frozen encoders' outputs gets them."""
+    return replace(profile, model=replace(profile.model, comparator=None))
+
+
+def fresh_model(profile: Profile, text: TextBackbone, seed: int) -> ICHPro | Comparator:
+    """The model every fold starts from, seeded: ICHPro with its own copy of the text encoder, or the
+    profile's comparator (``ModelConfig.comparator``) at :func:`comparator_size`.
 
     Frozen encoders are not checkpointed, so prediction rebuilds them through this same function.
     """
+    if profile.model.comparator is not None:
+        torch.manual_seed(seed)
+        return build_comparator(profile.model.comparator, comparator_size(profile))
     profile = with_vision_weights(profile)
     torch.manual_seed(seed)
     return build_model(profile.model, copy.deepcopy(text.model), profile.loss)
 
 
 class FoldTrainer:
-    """Fits one fold with checkpoints every epoch; resumes from the fold folder if asked."""
+    """Fits one fold with checkpoints every epoch; resumes from the fold folder if asked.
+
+    The model is ICHPro with the profile's composite loss, or a comparator with its own loss.
+    """
 
     def __init__(self, profile: Profile, source: BatchSource, text: TextBackbone, fold: Fold,
                  folder: Path, device: torch.device, seed: int, dist_info: Distributed, quiet: bool):
@@ -336,7 +413,9 @@ class FoldTrainer:
         self.device, self.seed, self.dist, self.quiet = device, seed, dist_info, quiet
         self.tokenizer = text.tokenizer
         self.model = fresh_model(profile, text, seed).to(device)
-        self.loss = CompositeLoss.from_config(profile.loss).to(device)
+        self.comparator = isinstance(self.model, Comparator)
+        # a comparator computes its own loss: the loss module is then empty
+        self.loss = nn.Module() if self.comparator else CompositeLoss.from_config(profile.loss).to(device)
         params = [p for p in [*self.model.parameters(), *self.loss.parameters()] if p.requires_grad]
         self.optimizer = torch.optim.Adam(params, lr=profile.train.lr,
                                           weight_decay=profile.train.weight_decay)
@@ -377,13 +456,14 @@ class FoldTrainer:
         """One step: draw MLM masks (unless cached variants came with the batch), forward, the loss,
         backward; ``update`` applies and clears the accumulated gradients. Returns the loss terms."""
         cfg = self.profile.train
-        if self.loss.needs_mlm and "masked_text_states" not in batch:
+        if not self.comparator and self.loss.needs_mlm and "masked_text_states" not in batch:
             masked, labels = mask_tokens(batch["input_ids"].cpu(), self.tokenizer,
                                          self.profile.loss.mlm_probability, generator)
             batch["mlm_input_ids"], batch["mlm_labels"] = masked.to(self.device), labels.to(self.device)
         with autocast(self.device, cfg.amp):
-            out = self.ddp_model(**batch)
-            total, terms = self.loss(**_loss_inputs(out, batch))
+            out = self._forward(self.ddp_model, batch)
+            total, terms = (self.model.loss(out, batch) if self.comparator
+                            else self.loss(**_loss_inputs(out, batch)))
         (total / cfg.grad_accumulation).backward()
         if update:
             self.optimizer.step()
@@ -406,16 +486,28 @@ class FoldTrainer:
             n += len(idx)
         return {f"train_{k}": v / max(n, 1) for k, v in sums.items()}
 
+    def _forward(self, module: nn.Module, batch: dict[str, Any]):
+        return module(batch) if self.comparator else module(**batch)
+
     @torch.no_grad()
-    def predict(self, indices: np.ndarray) -> np.ndarray:
-        """P(bad outcome) of the given patients with the current weights."""
+    def predict_columns(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """``p_bad`` (P(bad outcome)) of the given patients with the current weights, and a
+        comparator's auxiliary predictions (``Comparator.auxiliary_predictions``)."""
         self.model.eval()
-        probs = []
+        columns: dict[str, list[torch.Tensor]] = {}
         for idx in batches(indices, self.profile.train.batch_size, None):
             with autocast(self.device, self.profile.train.amp):
-                logits = self.model(**self.source.batch(idx, self.device)).logits
-            probs.append(logits.float().softmax(dim=1)[:, 1].cpu())
-        return torch.cat(probs).double().numpy()
+                out = self._forward(self.model, self.source.batch(idx, self.device))
+            preds = {"p_bad": out.logits.float().softmax(dim=1)[:, 1]}
+            if self.comparator:
+                preds.update(self.model.auxiliary_predictions(out))
+            for name, value in preds.items():
+                columns.setdefault(name, []).append(value.cpu())
+        return {name: torch.cat(values).double().numpy() for name, values in columns.items()}
+
+    def predict(self, indices: np.ndarray) -> np.ndarray:
+        """P(bad outcome) of the given patients with the current weights."""
+        return self.predict_columns(indices)["p_bad"]
 
     def _validate(self) -> dict[str, float]:
         p = self.predict(self.fold.val)
@@ -450,10 +542,11 @@ class FoldTrainer:
                                            header=not run_metrics.exists())
         if (self.folder / "best.safetensors").is_file():
             load_weights(self.folder / "best.safetensors", self.model)
+        columns = self.predict_columns(self.fold.test)
         return pd.DataFrame({
             "patient_id": [self.source.patient_ids[i] for i in self.fold.test],
-            "fold": self.fold.index, "p_bad": self.predict(self.fold.test),
-            "label": self.source.labels[self.fold.test].numpy(),
+            "fold": self.fold.index, "p_bad": columns.pop("p_bad"),
+            "label": self.source.labels[self.fold.test].numpy(), **columns,
         })
 
 
@@ -483,7 +576,10 @@ def cross_validate(profile: Profile, manifest: pd.DataFrame, run_dir: Path, *, s
     """Patient-level stratified k-fold CV of ``profile`` on ``manifest``; returns the OOF predictions.
 
     ``resume`` continues an interrupted run in ``run_dir``: finished folds are reused, the current
-    fold restarts after its last saved epoch. A run folder of another config is refused.
+    fold restarts after its last saved epoch. A run folder of another config is refused. The
+    trained model's number of trainable parameters goes to ``parameters.json``. A clinical baseline
+    (``ModelConfig.comparator`` in :data:`ichpro.clinical.CLINICAL_BASELINES`) is fitted on the
+    same test folds with scikit-learn instead.
     """
     run_dir = Path(run_dir)
     device = resolve_device(profile.train.device)
@@ -493,12 +589,14 @@ def cross_validate(profile: Profile, manifest: pd.DataFrame, run_dir: Path, *, s
         _claim_run_dir(run_dir, record, resume)
         ensure_pretrained(profile, quiet)
     barrier(dist_info)
+    folds = split_folds(manifest["label"].to_numpy(), profile.train.n_folds,
+                        profile.train.val_fraction, seed)
+    if profile.model.comparator in CLINICAL_BASELINES:
+        return _clinical_baseline(profile.model.comparator, manifest, folds, run_dir, seed, dist_info)
     if text is None:
         text = load_text_backbone(profile.model.text_encoder, reports=manifest["report"].tolist(),
                                   save_dir=run_dir / "text_encoder", seed=seed)
     source = BatchSource(manifest, profile, text, cache_dir)
-    folds = split_folds(manifest["label"].to_numpy(), profile.train.n_folds,
-                        profile.train.val_fraction, seed)
     metrics_path = run_dir / "metrics.csv"
     predictions = []
     for fold in tqdm(folds, desc="folds", disable=quiet or not dist_info.is_main):
@@ -508,9 +606,13 @@ def cross_validate(profile: Profile, manifest: pd.DataFrame, run_dir: Path, *, s
             continue
         trainer = FoldTrainer(profile, source, text, fold, run_dir / f"fold{fold.index}", device,
                               seed, dist_info, quiet)
-        frozen = profile.model.freeze_vision or profile.model.freeze_text
-        if frozen and not source.precomputed:
-            source.precompute(trainer.model, device, profile.train.batch_size, seed, quiet)
+        if not source.precomputed:
+            _prepare_inputs(source, trainer, text, device, seed, quiet)
+            if dist_info.is_main:
+                write_json(run_dir / "parameters.json", {"trainable": count_parameters(trainer.model)
+                                                         + count_parameters(trainer.loss)})
+        if "clinical" in getattr(trainer.model, "INPUTS", ()):
+            source.standardize_clinical(fold.train)
         if resume:
             trainer.resume()
         fold_predictions = trainer.fit(metrics_path)
@@ -520,6 +622,40 @@ def cross_validate(profile: Profile, manifest: pd.DataFrame, run_dir: Path, *, s
         predictions.append(fold_predictions)
     oof = pd.concat(predictions, ignore_index=True)
     if dist_info.is_main:
+        _atomic_write(run_dir / "oof_predictions.csv", lambda p: oof.to_csv(p, index=False))
+    return oof
+
+
+def _prepare_inputs(source: BatchSource, trainer: FoldTrainer, text: TextBackbone, device: torch.device,
+                    seed: int, quiet: bool) -> None:
+    """Encode every patient with the frozen encoders, or load what a comparator reads."""
+    profile = source.profile
+    if not trainer.comparator:
+        if profile.model.freeze_vision or profile.model.freeze_text:
+            source.precompute(trainer.model, device, profile.train.batch_size, seed, quiet)
+        return
+    inputs = trainer.model.INPUTS
+    if {"vision_features", "text_states"} & set(inputs):
+        if not (profile.model.freeze_vision and profile.model.freeze_text):
+            raise IchproError(f"comparator {profile.model.comparator!r} reads the frozen encoders' outputs: "
+                              "train it with frozen encoders (--freeze-encoders)")
+        encoders = fresh_model(encoders_profile(profile), text, seed).to(device)
+        source.precompute(encoders, device, profile.train.batch_size, seed, quiet)
+    source.load_comparator_inputs(inputs, quiet)
+
+
+def _clinical_baseline(name: str, manifest: pd.DataFrame, folds: list[Fold], run_dir: Path, seed: int,
+                       dist_info: Distributed) -> pd.DataFrame:
+    """Out-of-fold P(bad) of a clinical baseline on the same test folds as every trained model."""
+    fold_of = np.empty(len(manifest), dtype=int)
+    for fold in folds:
+        fold_of[fold.test] = fold.index
+    p_bad, n_parameters = clinical_baseline_cv(name, manifest, fold_of, seed)
+    oof = pd.DataFrame({"patient_id": manifest["patient_id"].astype(str).to_numpy(), "fold": fold_of,
+                        "p_bad": p_bad, "label": manifest["label"].to_numpy()})
+    oof = oof.sort_values(["fold", "patient_id"], kind="stable").reset_index(drop=True)
+    if dist_info.is_main:
+        write_json(run_dir / "parameters.json", {"trainable": n_parameters})
         _atomic_write(run_dir / "oof_predictions.csv", lambda p: oof.to_csv(p, index=False))
     return oof
 

@@ -39,6 +39,7 @@ from torch import nn
 
 from ichpro.clinical import clinical_fields, fit_standardizer, standardize
 from ichpro.config import PAPER_WINDOW, PROFILES
+from ichpro.data import brain_mask, load_ct
 from ichpro.errors import IchproError
 from ichpro.losses import ce_loss, info_nce
 from ichpro.models.encoders import RESNET_LAYERS, VisionEncoder
@@ -80,7 +81,17 @@ def count_parameters(module: nn.Module) -> int:
 
 
 class Comparator(nn.Module):
-    """Base class: the loss is the prognosis cross-entropy; subclasses add auxiliary terms."""
+    """Base class: the loss is the prognosis cross-entropy; subclasses add auxiliary terms.
+
+    ``INPUTS`` names the batch keys the comparator reads (besides ``labels``); ``image_text`` stands
+    for ``image_text_ids`` and ``image_text_mask``.
+    """
+
+    INPUTS: tuple[str, ...] = ("ct",)
+
+    def auxiliary_predictions(self, out: ComparatorOutput) -> dict[str, torch.Tensor]:
+        """Per-patient auxiliary predictions worth saving next to P(bad): name -> (B,) tensor."""
+        return {}
 
     def loss(self, out: ComparatorOutput, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         ce = ce_loss(out.logits, batch["labels"])
@@ -151,6 +162,7 @@ class MultiTaskDenseNet(Comparator):
     """
 
     TASK_WEIGHTS = {"ce": 0.4, "gcs": 0.3, "age": 0.3}
+    INPUTS = ("ct", "gcs", "age")
 
     def __init__(self, gcs_task: str | None = None, age_task: bool = False, init_features: int = 64,
                  growth_rate: int = 32, block_config: tuple[int, ...] = (6, 12, 24, 16),
@@ -172,6 +184,19 @@ class MultiTaskDenseNet(Comparator):
         h = self.backbone(batch["ct"])
         out = {name: head(h) for name, head in self.heads.items()}
         return ComparatorOutput(out.pop("prognosis"), out)
+
+    def auxiliary_predictions(self, out: ComparatorOutput) -> dict[str, torch.Tensor]:
+        """``gcs_class`` (0: 13-15, 1: 9-12, 2: 3-8) or ``p_gcs_le8``, and ``p_age_ge80``."""
+        preds = {}
+        if "gcs" in out.aux:
+            probs = out.aux["gcs"].float().sigmoid()
+            if self.gcs_task == "ordinal":
+                preds["gcs_class"] = decode_ordinal_gcs(probs)
+            else:
+                preds["p_gcs_le8"] = probs[:, 0]
+        if "age" in out.aux:
+            preds["p_age_ge80"] = out.aux["age"].float().sigmoid()[:, 0]
+        return preds
 
     def gcs_targets(self, gcs: torch.Tensor) -> torch.Tensor:
         """Targets of the GCS head: (B, 1) [GCS <= 8] or (B, 2) ordinal bits."""
@@ -237,6 +262,8 @@ class ImageGCSLateFusion(Comparator):
     The GCS is the ``gcs`` column of the ``clinical`` tensor (standardized with training stats).
     """
 
+    INPUTS = ("ct", "clinical")
+
     def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128), hidden: int = 64):
         super().__init__()
         self.features = ConvStack(widths)
@@ -250,6 +277,8 @@ class ImageGCSLateFusion(Comparator):
 
 class ConcatLateFusion(Comparator):
     """Late fusion of frozen encoders: pooled ``vision_features`` ++ masked-mean ``text_states`` -> MLP."""
+
+    INPUTS = ("vision_features", "text_states")
 
     def __init__(self, vision_channels: int, text_dim: int, hidden: int = 128):
         super().__init__()
@@ -276,6 +305,8 @@ class JointQuantification(Comparator):
     weighted by ``volume_weight``. ``aux["volume_ml"]`` is the predicted volume in mL.
     """
 
+    INPUTS = ("ct", "volume_ml")
+
     def __init__(self, depth: int = 50, widths: tuple[int, int, int, int] = (64, 128, 256, 512),
                  no_max_pool: bool = False, volume_weight: float = 1.0, volume_loss: str = "smooth_l1"):
         super().__init__()
@@ -289,12 +320,20 @@ class JointQuantification(Comparator):
         self.volume_loss = F.smooth_l1_loss if volume_loss == "smooth_l1" else F.mse_loss
 
     def forward(self, batch: dict) -> ComparatorOutput:
-        h = global_pool(self.encoder(batch["ct"]))
+        return self.from_features(self.encoder(batch["ct"]))
+
+    def from_features(self, maps: torch.Tensor) -> ComparatorOutput:
+        """The heads on the shared encoder's feature maps (B, C, d, h, w) (Grad-CAM hooks these)."""
+        h = global_pool(maps)
         out = ComparatorOutput(self.prognosis(h))
         if self.volume is not None:
             log_volume = self.volume(h)[:, 0]
             out.aux = {"log1p_volume": log_volume, "volume_ml": torch.expm1(log_volume).clamp_min(0)}
         return out
+
+    def auxiliary_predictions(self, out: ComparatorOutput) -> dict[str, torch.Tensor]:
+        """``volume_ml_pred``: the predicted haematoma volume (mL), when there is a volume head."""
+        return {"volume_ml_pred": out.aux["volume_ml"].float()} if "volume_ml" in out.aux else {}
 
     def loss(self, out: ComparatorOutput, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         ce, terms = super().loss(out, batch)
@@ -347,6 +386,17 @@ def measure_ct(ct: torch.Tensor, voxel_ml: float, window: tuple[float, float] = 
         "level": _CHOICES["level"][min(int(3 * (z.mean() + 0.5) / depth), 2)],
         "near_midline": bool((np.abs(x - centre) <= midline_band * width).any()),
     }
+
+
+def measure_ct_file(path: str) -> dict:
+    """:func:`measure_ct` of a CT file at its own resolution: skull-stripped, in the paper's window,
+    voxels in (slice, row, column) order with columns running from the patient's right to left
+    (RAS x, the patient's left to right, reversed)."""
+    hu, affine = load_ct(path)
+    lo, hi = PAPER_WINDOW
+    windowed = np.where(brain_mask(hu), np.clip((hu - lo) / (hi - lo), 0.0, 1.0), 0.0)
+    ct = torch.from_numpy(np.ascontiguousarray(windowed[::-1].transpose(2, 1, 0)))[None]
+    return measure_ct(ct, abs(np.linalg.det(affine[:3, :3])) / 1000, (lo, hi))
 
 
 def image_report(measurements: dict) -> str:
@@ -429,6 +479,8 @@ class VDAFM(Comparator):
     frozen text-encoder states of the template given as ``image_text_states`` (B, L, text_dim).
     """
 
+    INPUTS = ("ct", "clinical", "image_text")
+
     def __init__(self, depth: int = 50, widths: tuple[int, int, int, int] = (64, 128, 256, 512),
                  no_max_pool: bool = False, dim: int = 256, heads: int = 8, text_dim: int | None = None,
                  align_weight: float = 0.1, temperature: float = 0.07):
@@ -466,11 +518,12 @@ class VDAFM(Comparator):
 
 #: Widths of the small CNNs (Small3DCNN, SliceCNN2D, ImageGCSLateFusion) per size.
 CNN_WIDTHS = {"smoke": (8, 16, 32, 64), "cpu": (16, 32, 64, 128), "paper": (16, 32, 64, 128)}
-#: DenseNet per size; "paper" is DenseNet-121 as published. Smoke's 16 slices cannot take the
-#: stem's max-pooling on top of the four down-samplings.
+#: DenseNet per size; "paper" is DenseNet-121 as published. The small sizes train on 16x32x32
+#: CTs (``ModelConfig.comparator_input``), too few slices for the stem's max-pooling on top of the
+#: four down-samplings.
 DENSENET_SIZES = {
     "smoke": dict(init_features=16, growth_rate=8, block_config=(2, 2, 2, 2), stem_pool=False),
-    "cpu": dict(init_features=32, growth_rate=16, block_config=(3, 6, 12, 8), stem_pool=True),
+    "cpu": dict(init_features=16, growth_rate=8, block_config=(2, 4, 8, 4), stem_pool=False),
     "paper": dict(init_features=64, growth_rate=32, block_config=(6, 12, 24, 16), stem_pool=True),
 }
 #: Shared 3D ResNet of JointQuantification and VDAFM per size; "paper" is ICHPro's ResNet-50.
@@ -529,3 +582,10 @@ COMPARATORS: dict[str, Callable[[str], Comparator]] = {
     "image+gcs": partial(_cnn, ImageGCSLateFusion),
     "concat_late": _concat_late,
 }
+
+
+def build_comparator(name: str, size: str) -> Comparator:
+    """The comparator ``name`` of :data:`COMPARATORS` at ``size`` (clear error for an unknown name)."""
+    if name not in COMPARATORS:
+        raise IchproError(f"unknown comparator {name!r}; choose one of {', '.join(COMPARATORS)}")
+    return COMPARATORS[name](size)
