@@ -95,7 +95,17 @@ def _train(args: argparse.Namespace) -> int:
     profile = get_profile(args.profile)
     model = profile.model if args.fusion is None else replace(profile.model, fusion=args.fusion)
     model = _encoder_options(model, args)
-    loss = profile.loss if args.loss is None else replace(profile.loss, terms=parse_loss_spec(args.loss))
+    loss_spec = args.loss
+    if args.comparator is not None:
+        from ichpro.clinical import CLINICAL_BASELINES
+        from ichpro.models.comparators import COMPARATORS
+
+        names = [*COMPARATORS, *CLINICAL_BASELINES]
+        if args.comparator not in names:
+            raise IchproError(f"unknown comparator {args.comparator!r}; choose one of {', '.join(names)}")
+        model = replace(model, comparator=args.comparator)
+        loss_spec = loss_spec or "ce"  # a comparator brings its own loss; ICHPro's terms do not apply
+    loss = profile.loss if loss_spec is None else replace(profile.loss, terms=parse_loss_spec(loss_spec))
     train = replace(profile.train, **{k: v for k, v in (
         ("epochs", args.epochs), ("n_folds", args.folds), ("batch_size", args.batch_size),
         ("lr", args.lr), ("device", args.device), ("amp", args.amp),
@@ -219,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "oof_predictions.csv, metrics.csv, checkpoints and run.json to --out.")
     _add_run_options(p, out="run folder", resume="continue an interrupted run in --out")
     p.add_argument("--fusion", choices=FUSION_STRUCTURES, help="fusion structure (default cross-self)")
+    p.add_argument("--comparator", help="train a neighbouring system instead of ICHPro, e.g. "
+                                        "densenet+ord_gcs, quantification, vdafm, slice2d, image+gcs, "
+                                        "concat_late, logistic_regression or ich_score (Table 4 trains "
+                                        "the networks from scratch with --lr 1e-3 --batch-size 16)")
     p.add_argument("--loss", help="loss terms, e.g. 'vtmf' or 'ce=1,imima=1,sdm=0.5,mlm=0.5'")
     p.add_argument("--epochs", type=int, help="override the profile's epochs")
     p.add_argument("--folds", type=int, help="override the number of folds (default 5)")
@@ -234,8 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "reusing finished rows, and write <out>/<name>.{csv,md,png}: the "
                                    "paper's numbers, ours with 95 % CIs, DeLong p against ICHPro and "
                                    "the oracle ceiling (from the cohort's truth.csv when present).")
-    p.add_argument("name", help="table1_modalities, table2_fusion, table3_losses, ...; an unknown name "
-                                "lists them all")
+    p.add_argument("name", help="table1_modalities, table2_fusion, table3_losses or table4_comparison")
     _add_run_options(p, out="folder for the rows' runs and the table", resume="continue an interrupted row")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the CIs")
     p.set_defaults(func=_table)

@@ -46,9 +46,14 @@ class Row:
     inputs: str = "all"  # key of CEILINGS
     model: dict = field(default_factory=dict)  # ModelConfig fields to replace
     loss: str | None = None  # loss spec ("ce,imima"); None keeps the profile's (VTMF)
+    train: dict = field(default_factory=dict)  # TrainConfig fields to replace
     drop_stay: bool = False  # reports without the outcome-leaking Hospital Stay field
     reference: bool = False  # the row the others are tested against (ICHPro)
 
+
+#: Comparators that train their 3D backbone from scratch: a larger step size and smaller batches
+#: than the frozen-encoder rows (the paper's comparators used lr 1e-3 too).
+FROM_SCRATCH = {"lr": 1e-3, "batch_size": 16}
 
 TABLES: dict[str, tuple[str, list[Row]]] = {
     "table1_modalities": ("1_modalities", [
@@ -79,7 +84,32 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
         Row("CE + IMIMA + MLM", "L_IMIMA + beta L_MLM", loss="ce,imima,mlm"),
         Row("VTMF (ICHPro)", "L_VTMF (ICHPro)", loss="vtmf", reference=True),
     ]),
+    "table4_comparison": ("4_comparison", [
+        *(Row(name, paper, inputs, {"comparator": comparator}, "ce", train=FROM_SCRATCH)
+          for name, paper, inputs, comparator in [
+              ("Slice 2D CNN", "Image-Based Method (2D) [6]", "image", "slice2d"),
+              ("Image + GCS late fusion", "GCS-ICHNet (2D)", "all", "image+gcs"),
+              ("Small 3D CNN", "DL-Based Method (3D) [8]", "image", "small3dcnn"),
+              ("DenseNet, prognosis only", None, "image", "densenet"),
+              ("DenseNet + bin age", None, "image", "densenet+bin_age"),
+              ("DenseNet + bin GCS", None, "image", "densenet+bin_gcs"),
+              ("DenseNet + bin GCS + bin age", None, "image", "densenet+bin_gcs+bin_age"),
+              ("DenseNet + ord GCS", None, "image", "densenet+ord_gcs"),
+              ("DenseNet + ord GCS + bin age", "Multi-Task Method (3D) [18]", "image",
+               "densenet+ord_gcs+bin_age"),
+              ("ResNet, prognosis only", None, "image", "quantification_single"),
+              ("ResNet, volume + prognosis", None, "image", "quantification"),
+              ("VDAFM (image, table, template text)", None, "all", "vdafm"),
+          ]),
+        Row("Concatenation late fusion", None, "all", {"comparator": "concat_late"}, "ce"),
+        Row("Logistic regression, clinical fields", None, "all", {"comparator": "logistic_regression"}, "ce"),
+        Row("ICH score", None, "all", {"comparator": "ich_score"}, "ce"),
+        Row("FUNC score", None, "all", {"comparator": "func_score"}, "ce"),
+        Row("ICHPro", "ICHPro", reference=True),
+    ]),
 }
+#: Tables that also report each row's trainable parameters and training time per fold.
+COSTED_TABLES = ("table4_comparison",)
 
 
 def table_rows(name: str) -> list[Row]:
@@ -90,9 +120,10 @@ def table_rows(name: str) -> list[Row]:
 
 
 def row_profile(profile: Profile, row: Row) -> Profile:
-    """The profile a row trains: its model changes and loss terms applied."""
+    """The profile a row trains: its model, loss and training changes applied."""
     loss = profile.loss if row.loss is None else replace(profile.loss, terms=parse_loss_spec(row.loss))
-    return replace(profile, model=replace(profile.model, **row.model), loss=loss)
+    return replace(profile, model=replace(profile.model, **row.model), loss=loss,
+                   train=replace(profile.train, **row.train))
 
 
 def row_manifest(manifest: pd.DataFrame, row: Row) -> pd.DataFrame:
@@ -108,7 +139,7 @@ def row_folder(out: Path, profile: Profile, row: Row, seed: int) -> Path:
     trained = row_profile(profile, row)
     key = config_hash({"profile": asdict(trained), "drop_stay": row.drop_stay, "seed": seed})
     model = trained.model
-    name = model.fusion if model.modality == "both" else f"{model.modality}-only"
+    name = (model.comparator or model.fusion) if model.modality == "both" else f"{model.modality}-only"
     name += "-" + "+".join(term for term, _ in trained.loss.terms) + ("-no-stay" if row.drop_stay else "")
     return Path(out) / "runs" / f"{name}-{key[:10]}"
 
@@ -185,19 +216,92 @@ def _ceiling(truth: pd.DataFrame | None, oof: pd.DataFrame, inputs: str) -> floa
     return classification_metrics(oof["label"], oracle)["auc"]
 
 
+def row_costs(rows: list[Row], profile: Profile, out: str | Path, seed: int = 0) -> pd.DataFrame:
+    """Each row's trainable parameters and training seconds per fold, from its run folder
+    (``parameters.json`` and ``timing.json``; NaN where a file is missing). A frozen encoder's
+    parameters are not trainable and not counted; its one-off encoding is in the time of the row
+    that filled the feature cache."""
+    lines = []
+    for row in rows:
+        folder = row_folder(out, profile, row, seed)
+        params, timing = folder / "parameters.json", folder / "timing.json"
+        lines.append({
+            "row": row.name,
+            "params": json.loads(params.read_text())["trainable"] if params.is_file() else np.nan,
+            "seconds_per_fold": (json.loads(timing.read_text())["seconds"]
+                                 / row_profile(profile, row).train.n_folds if timing.is_file() else np.nan)})
+    return pd.DataFrame(lines)
+
+
 def run_table(name: str, profile: Profile, manifest: pd.DataFrame, out: str | Path, *,
               truth: pd.DataFrame | None = None, seed: int = 0, resume: bool = False, quiet: bool = False,
               cache_dir: Path | None = None, n_boot: int = 1000) -> pd.DataFrame:
-    """Run (or load) every row of a named table and return its summary."""
+    """Run (or load) every row of a named table and return its summary (with :func:`row_costs` for
+    the :data:`COSTED_TABLES`)."""
     rows = table_rows(name)
     predictions = run_rows(rows, profile, manifest, out, seed=seed, resume=resume, quiet=quiet,
                            cache_dir=cache_dir)
-    return summarize(rows, predictions, TABLES[name][0], truth, n_boot=n_boot, seed=seed)
+    table = summarize(rows, predictions, TABLES[name][0], truth, n_boot=n_boot, seed=seed)
+    if name in COSTED_TABLES:
+        table = table.merge(row_costs(rows, profile, out, seed), on="row")
+    return table
+
+
+def auxiliary_metrics(predictions: dict[str, pd.DataFrame], manifest: pd.DataFrame) -> pd.DataFrame:
+    """How well the comparators' auxiliary heads do, one line per (row, task, metric).
+
+    GCS (ordinal classes 13-15 / 9-12 / 3-8, or binary <= 8): balanced accuracy and quadratic-weighted
+    kappa; binary GCS and age >= 80 also AUC; haematoma volume: MAE (mL) and R^2 against the true
+    volume (:func:`ichpro.data.haematoma_volumes`). Rows without auxiliary predictions are skipped.
+    """
+    from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, mean_absolute_error, r2_score
+
+    from ichpro.clinical import clinical_fields
+    from ichpro.data import haematoma_volumes
+
+    truth = clinical_fields(manifest).assign(patient_id=manifest["patient_id"].astype(str).to_numpy())
+    truth = truth.set_index("patient_id")
+    volumes = None
+    lines = []
+    for row, oof in predictions.items():
+        oof = oof.assign(patient_id=oof["patient_id"].astype(str))
+        gcs = truth.loc[oof["patient_id"], "gcs"].to_numpy()
+        age = truth.loc[oof["patient_id"], "age"].to_numpy()
+        if "gcs_class" in oof:
+            true_class = np.select([gcs <= 8, gcs <= 12], [2, 1], 0)
+            lines += [(row, "GCS (3 ordinal classes)", "balanced accuracy",
+                       balanced_accuracy_score(true_class, oof["gcs_class"])),
+                      (row, "GCS (3 ordinal classes)", "quadratic-weighted kappa",
+                       cohen_kappa_score(true_class, oof["gcs_class"], weights="quadratic"))]
+        if "p_gcs_le8" in oof:
+            lines += _binary_task(row, "GCS <= 8", gcs <= 8, oof["p_gcs_le8"].to_numpy(),
+                                  balanced_accuracy_score, cohen_kappa_score)
+        if "p_age_ge80" in oof:
+            lines += _binary_task(row, "age >= 80", age >= 80, oof["p_age_ge80"].to_numpy(),
+                                  balanced_accuracy_score, cohen_kappa_score)
+        if "volume_ml_pred" in oof:
+            if volumes is None:
+                volumes = pd.Series(haematoma_volumes(manifest), index=truth.index)
+            true = volumes.loc[oof["patient_id"]].to_numpy()
+            task, predicted = "haematoma volume (mL)", oof["volume_ml_pred"]
+            lines += [(row, task, "MAE (mL)", mean_absolute_error(true, predicted)),
+                      (row, task, "R^2", r2_score(true, predicted))]
+    return pd.DataFrame(lines, columns=["row", "task", "metric", "value"])
+
+
+def _binary_task(row: str, task: str, target: np.ndarray, p: np.ndarray, balanced, kappa) -> list[tuple]:
+    target, decided = target.astype(int), (p >= 0.5).astype(int)
+    return [(row, task, "balanced accuracy", balanced(target, decided)),
+            (row, task, "quadratic-weighted kappa", kappa(target, decided, weights="quadratic")),
+            (row, task, "AUC", classification_metrics(target, p)["auc"])]
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    """The summary as a Markdown table: paper | ours (95 % CI) per metric, DeLong p and ceiling."""
-    header = ["row"] + [f"{m} paper \\| ours (95 % CI)" for m in TABLE_METRICS] + ["DeLong p", "ceiling AUC"]
+    """The summary as a Markdown table: paper | ours (95 % CI) per metric, DeLong p and ceiling, and
+    parameters and seconds per fold when the table has them."""
+    costs = "params" in table.columns
+    header = (["row"] + [f"{m} paper \\| ours (95 % CI)" for m in TABLE_METRICS] + ["DeLong p", "ceiling AUC"]
+              + (["trainable params", "s / fold"] if costs else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table.to_dict("records"):
         cells = [r["row"]]
@@ -206,6 +310,9 @@ def to_markdown(table: pd.DataFrame) -> str:
             cells.append(f"{paper} \\| {r[m]:.3f} ({r[f'{m}_ci_low']:.3f}–{r[f'{m}_ci_high']:.3f})")
         cells.append("—" if np.isnan(r["delong_p"]) else f"{r['delong_p']:.2g}")
         cells.append("—" if np.isnan(r["ceiling_auc"]) else f"{r['ceiling_auc']:.3f}")
+        if costs:
+            cells.append("—" if np.isnan(r["params"]) else f"{int(r['params']):,}")
+            cells.append("—" if np.isnan(r["seconds_per_fold"]) else f"{r['seconds_per_fold']:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
