@@ -77,6 +77,21 @@ class _BadOutcome(nn.Module):
         return self.model(attention_mask, vision_features=features, input_ids=input_ids).logits
 
 
+class _ComparatorBadOutcome(nn.Module):
+    """CT -> logits of a comparator with a shared ``encoder`` and ``from_features`` heads
+    (:class:`~ichpro.models.comparators.JointQuantification`), hooked like :class:`_BadOutcome`."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.features = nn.Identity()
+
+    def forward(self, ct: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            maps = self.model.encoder(ct)
+        return self.model.from_features(self.features(maps.requires_grad_(True))).logits
+
+
 def _per_patient_max(maps: torch.Tensor) -> torch.Tensor:
     """Divide each patient's map by its maximum (an all-zero map stays zero)."""
     peak = maps.flatten(1).amax(dim=1).reshape(-1, *[1] * (maps.dim() - 1))
@@ -97,6 +112,22 @@ def grad_cam(model: ICHPro, batch: Mapping[str, torch.Tensor], target_class: int
                       postprocessing=_per_patient_max)
         maps = cam(batch["ct"], class_idx=target_class, input_ids=batch["input_ids"],
                    attention_mask=batch["attention_mask"])
+    return maps.detach()[:, 0]
+
+
+def comparator_grad_cam(model: nn.Module, ct: torch.Tensor, target_class: int = 1) -> torch.Tensor:
+    """Grad-CAM of ``target_class`` on the last block of a comparator's shared 3D encoder; (B, D, H, W).
+
+    For comparators with ``encoder`` and ``from_features`` (the joint quantification model and its
+    single-task version); normalised per patient like :func:`grad_cam`.
+    """
+    if not (hasattr(model, "encoder") and hasattr(model, "from_features")):
+        raise IchproError(f"{type(model).__name__} has no shared encoder with from_features heads: "
+                          "comparator Grad-CAM needs a JointQuantification model")
+    with _explaining(model):
+        cam = GradCAM(_ComparatorBadOutcome(model).eval(), target_layers="features",
+                      upsampler=default_upsampler, postprocessing=_per_patient_max)
+        maps = cam(ct, class_idx=target_class)
     return maps.detach()[:, 0]
 
 

@@ -110,3 +110,36 @@ def plot_table_auc(table: pd.DataFrame, title: str) -> plt.Figure:
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return fig
+
+
+def plot_pipelines(pipelines: dict[str, list[list[str]]], title: str = "") -> plt.Figure:
+    """A block diagram per system, one row each: columns of boxes (inputs, stages, outputs) joined by
+    arrows: box to box between columns of the same length (parallel streams), else every box of a
+    column to every box of the next."""
+    n_columns = max(len(columns) for columns in pipelines.values())
+    heights = [max(len(column) for column in columns) for columns in pipelines.values()]
+    size = (2.3 * n_columns + 1.2, sum(0.5 * h + 0.5 for h in heights))
+    fig, axes = plt.subplots(len(pipelines), 1, figsize=size,
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, (name, columns), height in zip(axes[:, 0], pipelines.items(), heights):
+        ax.set(xlim=(-0.5, n_columns - 0.5), ylim=(-0.5, height - 0.5))
+        ax.axis("off")
+        ax.set_title(name, loc="left", fontsize=9, fontweight="bold")
+        centres = []
+        for x, column in enumerate(columns):
+            ys = (np.linspace(0, height - 1, len(column) + 2)[1:-1] if len(column) < height
+                  else np.arange(height))
+            centres.append([(x, y) for y in ys[::-1]])
+            for (cx, cy), label in zip(centres[-1], column):
+                colour = "#dbe9f6" if x == 0 else "#fde0c5" if x == len(columns) - 1 else "#e5e5e5"
+                ax.text(cx, cy, label, ha="center", va="center", fontsize=7.5, wrap=True,
+                        bbox={"boxstyle": "round,pad=0.3", "facecolor": colour, "edgecolor": "grey"})
+        for left, right in zip(centres, centres[1:]):
+            pairs = zip(left, right) if len(left) == len(right) else [(a, b) for a in left for b in right]
+            for start, end in pairs:
+                ax.annotate("", xy=(end[0] - 0.42, end[1]), xytext=(start[0] + 0.42, start[1]),
+                            arrowprops={"arrowstyle": "->", "color": "grey", "lw": 0.8})
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig

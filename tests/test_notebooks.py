@@ -19,6 +19,8 @@ EXPECTED_FIGURES = {
     "07": ("table1_modalities.csv", "table1_modalities.md", "table1_modalities.png"),
     "08": ("table2_fusion.csv", "table2_fusion.md", "table2_fusion.png"),
     "09": ("table3_losses.csv", "table3_losses.md", "table3_losses.png"),
+    "10": ("table4_comparison.csv", "table4_comparison.md", "table4_comparison.png", "table4_systems.png",
+           "table4_auxiliary.csv", "table4_volume.png", "table4_grad_cam.png", "table4_roc.png"),
     "11": ("attention_examples.png", "attention_counterfactual.png", "attention_localisation.png",
            "attention_localisation.csv", "attention_localisation_summary.csv"),
 }

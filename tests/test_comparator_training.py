@@ -1,0 +1,209 @@
+"""Comparators in the engine and Table 4: inputs, training runs, clinical baselines, auxiliary metrics."""
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from ichpro.clinical import CLINICAL_BASELINES, clinical_baseline_cv, clinical_scores
+from ichpro.config import get_profile
+from ichpro.data import haematoma_volumes, load_manifest
+from ichpro.errors import IchproError, ManifestError
+from ichpro.experiments import (
+    TABLES,
+    auxiliary_metrics,
+    row_costs,
+    row_folder,
+    row_profile,
+    table_rows,
+    to_markdown,
+)
+from ichpro.explain import comparator_grad_cam
+from ichpro.models.comparators import COMPARATORS, build_comparator, measure_ct_file
+from ichpro.text import load_text_backbone
+from ichpro.train import BatchSource, cross_validate
+
+SMOKE = get_profile("smoke")
+FAST = replace(SMOKE, train=replace(SMOKE.train, epochs=2, n_folds=3))
+
+
+def comparator_profile(name: str):
+    return replace(FAST, model=replace(FAST.model, comparator=name))
+
+
+@pytest.fixture(scope="module")
+def manifest(smoke_cohort):
+    return load_manifest(smoke_cohort / "manifest.csv")
+
+
+@pytest.fixture(scope="module")
+def truth(smoke_cohort):
+    return pd.read_csv(smoke_cohort / "truth.csv")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("comparator_cache")
+
+
+@pytest.fixture(scope="module")
+def multitask_run(manifest, cache, tmp_path_factory):
+    run = tmp_path_factory.mktemp("multitask")
+    oof = cross_validate(comparator_profile("densenet+ord_gcs+bin_age"), manifest, run, quiet=True,
+                         cache_dir=cache)
+    return run, oof
+
+
+def test_table4_has_every_comparator_and_clinical_baseline_once():
+    names = [r.model.get("comparator") for r in table_rows("table4_comparison")]
+    assert sorted(n for n in names if n) == sorted([*COMPARATORS, *CLINICAL_BASELINES])
+    assert names.count(None) == 1 and TABLES["table4_comparison"][0] == "4_comparison"
+
+
+def test_unknown_comparator_is_refused_by_name():
+    with pytest.raises(IchproError, match="unknown comparator 'resnet'.*densenet"):
+        build_comparator("resnet", "smoke")
+
+
+def test_haematoma_volume_comes_from_the_mask_else_the_column(manifest, truth):
+    head = manifest.head(6).reset_index(drop=True)
+    np.testing.assert_allclose(haematoma_volumes(head), truth["volume_ml"].head(6), rtol=0.05, atol=0.2)
+    noted = head.assign(mask_path=[None] * 6)
+    np.testing.assert_allclose(haematoma_volumes(noted), head["volume_ml"])
+    with pytest.raises(ManifestError, match="neither a mask_path nor a volume_ml"):
+        haematoma_volumes(noted.drop(columns="volume_ml"))
+
+
+def test_template_measurements_find_the_side_and_volume_of_the_haematoma(manifest, truth):
+    for i in range(4):
+        m = measure_ct_file(manifest["ct_path"][i])
+        assert m["side"] == truth["side"][i]
+        assert m["volume_ml"] == pytest.approx(truth["volume_ml"][i], rel=0.15, abs=1.0)
+
+
+def test_comparator_inputs_are_resized_and_clinical_uses_training_stats_only(manifest, cache):
+    profile = comparator_profile("vdafm")
+    text = load_text_backbone("tiny", reports=manifest["report"].tolist(), seed=0)
+    source = BatchSource(manifest, profile, text, cache)
+    source.load_comparator_inputs(("ct", "gcs", "age", "volume_ml", "image_text"), quiet=True)
+    train = np.arange(0, len(manifest), 2)
+    source.standardize_clinical(train)
+    batch = source.batch([0, 1, 2], torch.device("cpu"))
+    assert batch["ct"].shape == (3, 1, *profile.model.comparator_input)
+    assert batch["image_text_ids"].shape == batch["image_text_mask"].shape
+    assert torch.equal(batch["gcs"], torch.tensor(manifest["gcs"][:3].to_numpy(), dtype=torch.float32))
+    clinical = source.features["clinical"]
+    assert clinical[train].mean(0).abs().max() < 1e-5  # centred on the training patients
+    assert clinical[np.setdiff1d(np.arange(len(manifest)), train)].mean(0).abs().max() > 1e-3
+
+
+def test_a_comparator_cross_validates_with_its_auxiliary_predictions(multitask_run, manifest):
+    run, oof = multitask_run
+    assert sorted(oof["patient_id"]) == sorted(manifest["patient_id"])
+    assert {"gcs_class", "p_age_ge80"} <= set(oof.columns)
+    assert set(oof["gcs_class"]) <= {0, 1, 2} and oof["p_age_ge80"].between(0, 1).all()
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert {"train_ce", "train_gcs", "train_age"} <= set(metrics.columns)
+    expected = sum(p.numel() for p in build_comparator("densenet+ord_gcs+bin_age", "smoke").parameters())
+    assert json.loads((run / "parameters.json").read_text())["trainable"] == expected
+
+
+def test_a_finished_comparator_run_is_reproduced_exactly(multitask_run, manifest, cache, tmp_path):
+    _, oof = multitask_run
+    again = cross_validate(comparator_profile("densenet+ord_gcs+bin_age"), manifest, tmp_path / "again",
+                           quiet=True, cache_dir=cache)
+    np.testing.assert_allclose(again["p_bad"], oof["p_bad"], rtol=1e-5)
+
+
+def test_quantification_predicts_volumes_and_its_grad_cam_is_a_normalised_map(manifest, cache, tmp_path):
+    oof = cross_validate(comparator_profile("quantification"), manifest, tmp_path, quiet=True,
+                         cache_dir=cache)
+    assert (oof["volume_ml_pred"] >= 0).all()
+    model = build_comparator("quantification", "smoke").train()
+    ct = torch.rand(2, 1, 16, 32, 32)
+    maps = comparator_grad_cam(model, ct)
+    assert maps.shape == (2, 16, 32, 32) and maps.min() >= 0 and maps.amax(dim=(1, 2, 3)).le(1 + 1e-6).all()
+    assert model.training and all(p.grad is None for p in model.parameters())
+    with pytest.raises(IchproError, match="JointQuantification"):
+        comparator_grad_cam(build_comparator("small3dcnn", "smoke"), ct)
+
+
+def test_concat_late_fusion_needs_frozen_encoders(manifest, cache, tmp_path):
+    profile = comparator_profile("concat_late")
+    unfrozen = replace(profile, model=replace(profile.model, freeze_vision=False))
+    with pytest.raises(IchproError, match="frozen encoders"):
+        cross_validate(unfrozen, manifest, tmp_path, quiet=True, cache_dir=cache)
+
+
+@pytest.mark.parametrize("name", CLINICAL_BASELINES)
+def test_a_clinical_baseline_runs_on_the_same_folds(name, manifest, tmp_path):
+    oof = cross_validate(comparator_profile(name), manifest, tmp_path, quiet=True)
+    assert sorted(oof["patient_id"]) == sorted(manifest["patient_id"])
+    assert oof["p_bad"].between(0, 1).all() and set(oof["fold"]) == {0, 1, 2}
+    assert json.loads((tmp_path / "parameters.json").read_text())["trainable"] >= 2
+
+
+def test_a_score_keeps_its_own_auc_within_each_fold(manifest):
+    folds = np.arange(len(manifest)) % 3
+    p_bad, n_parameters = clinical_baseline_cv("ich_score", manifest, folds)
+    risk = clinical_scores(manifest)["ich_score_risk"].to_numpy()
+    labels = manifest["label"].to_numpy()
+    assert n_parameters == 2
+    for k in range(3):
+        fold = folds == k
+        own = roc_auc_score(labels[fold], risk[fold])
+        assert roc_auc_score(labels[fold], p_bad[fold]) == pytest.approx(own)
+    with pytest.raises(IchproError, match="unknown clinical baseline"):
+        clinical_baseline_cv("apache", manifest, folds)
+
+
+def test_auxiliary_metrics_on_hand_made_predictions():
+    manifest = pd.DataFrame({"patient_id": ["a", "b", "c", "d"], "gcs": [15.0, 10, 5, 14],
+                             "age": [85.0, 60, 90, 40], "volume_ml": [10.0, 20, 30, 40], "label": 0})
+    perfect = pd.DataFrame({"patient_id": ["a", "b", "c", "d"], "gcs_class": [0, 1, 2, 0],
+                            "p_age_ge80": [0.9, 0.1, 0.8, 0.2], "volume_ml_pred": [10.0, 20, 30, 40]})
+    wrong = perfect.assign(gcs_class=[2, 1, 0, 2], volume_ml_pred=[12.0, 22, 32, 42],
+                           p_gcs_le8=[0.9, 0.8, 0.1, 0.7])
+    table = auxiliary_metrics({"perfect": perfect, "wrong": wrong}, manifest)
+    value = table.set_index(["row", "task", "metric"])["value"]
+    assert value["perfect", "GCS (3 ordinal classes)", "balanced accuracy"] == 1
+    assert value["perfect", "GCS (3 ordinal classes)", "quadratic-weighted kappa"] == 1
+    assert value["perfect", "age >= 80", "AUC"] == 1
+    assert value["perfect", "haematoma volume (mL)", "MAE (mL)"] == 0
+    assert value["wrong", "haematoma volume (mL)", "MAE (mL)"] == pytest.approx(2)
+    assert value["wrong", "haematoma volume (mL)", "R^2"] == pytest.approx(1 - 16 / 500)
+    assert value["wrong", "GCS (3 ordinal classes)", "quadratic-weighted kappa"] < 0
+    assert value["wrong", "GCS <= 8", "AUC"] == 0  # the one GCS <= 8 patient gets the lowest P
+
+
+def test_costs_come_from_the_run_folders_and_show_in_markdown(tmp_path):
+    rows = table_rows("table4_comparison")[:2]
+    folder = row_folder(tmp_path, SMOKE, rows[0], 0)
+    folder.mkdir(parents=True)
+    (folder / "parameters.json").write_text(json.dumps({"trainable": 1234}))
+    (folder / "timing.json").write_text(json.dumps({"seconds": 50.0}))
+    costs = row_costs(rows, SMOKE, tmp_path)
+    assert costs["params"].iloc[0] == 1234
+    assert costs["seconds_per_fold"].iloc[0] == 50.0 / row_profile(SMOKE, rows[0]).train.n_folds
+    assert costs[["params", "seconds_per_fold"]].iloc[1].isna().all()
+    line = {"row": "x", "delong_p": np.nan, "ceiling_auc": 0.9, "params": 1234, "seconds_per_fold": 10.0}
+    for m in ("accuracy", "recall", "precision", "f1", "auc"):
+        line.update({f"paper_{m}": np.nan, m: 0.5, f"{m}_ci_low": 0.4, f"{m}_ci_high": 0.6})
+    markdown = to_markdown(pd.DataFrame([line]))
+    assert "trainable params | s / fold" in markdown and "| 1,234 | 10.0 |" in markdown
+
+
+def test_cli_trains_a_comparator_and_refuses_an_unknown_one(smoke_cohort, tmp_path, capsys):
+    from ichpro.cli import main
+
+    data = str(smoke_cohort / "manifest.csv")
+    assert main(["train", "--comparator", "ich_score", "--profile", "smoke", "--data", data,
+                 "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    assert "out-of-fold predictions" in capsys.readouterr().out
+    assert main(["train", "--comparator", "gcs_ichnet", "--profile", "smoke", "--data", data,
+                 "--out", str(tmp_path / "other")]) == 2
+    assert "unknown comparator 'gcs_ichnet'" in capsys.readouterr().err
