@@ -140,6 +140,7 @@ def _table(args: argparse.Namespace) -> int:
                       n_boot=args.n_boot)
     paths = write_table(table, Path(args.out) / args.name, TABLES[args.name][0])
     shown = ["row", "paper_auc", "auc", "auc_ci_low", "auc_ci_high", "delong_p", "ceiling_auc"]
+    shown += [column for column in ("params", "seconds_per_fold") if column in table.columns]
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print("wrote " + ", ".join(map(str, paths)))
     return 0

@@ -223,7 +223,7 @@ class BatchSource:
 
             key = cache_key("image-text", cts=files_digest(self.ct_paths))
             self._store(self.features, key, template_text)
-        fields = clinical_fields(self.manifest)
+        fields = clinical_fields(self.manifest) if {"gcs", "age"} & set(inputs) else None
         for name in ("gcs", "age"):
             if name in inputs:
                 missing = fields[name].isna()
