@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
+from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, mean_absolute_error, r2_score
 
 from ichpro.config import Profile
 from ichpro.data import config_hash
@@ -52,7 +53,7 @@ class Row:
 
 
 #: Comparators that train their 3D backbone from scratch: a larger step size and smaller batches
-#: than the frozen-encoder rows (the paper's comparators used lr 1e-3 too).
+#: than the frozen-encoder rows (the multi-task DenseNet's authors trained with lr 1e-3 too).
 FROM_SCRATCH = {"lr": 1e-3, "batch_size": 16}
 
 TABLES: dict[str, tuple[str, list[Row]]] = {
@@ -254,8 +255,6 @@ def auxiliary_metrics(predictions: dict[str, pd.DataFrame], manifest: pd.DataFra
     kappa; binary GCS and age >= 80 also AUC; haematoma volume: MAE (mL) and R^2 against the true
     volume (:func:`ichpro.data.haematoma_volumes`). Rows without auxiliary predictions are skipped.
     """
-    from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, mean_absolute_error, r2_score
-
     from ichpro.clinical import clinical_fields
     from ichpro.data import haematoma_volumes
 
@@ -274,11 +273,9 @@ def auxiliary_metrics(predictions: dict[str, pd.DataFrame], manifest: pd.DataFra
                       (row, "GCS (3 ordinal classes)", "quadratic-weighted kappa",
                        cohen_kappa_score(true_class, oof["gcs_class"], weights="quadratic"))]
         if "p_gcs_le8" in oof:
-            lines += _binary_task(row, "GCS <= 8", gcs <= 8, oof["p_gcs_le8"].to_numpy(),
-                                  balanced_accuracy_score, cohen_kappa_score)
+            lines += _binary_task(row, "GCS <= 8", gcs <= 8, oof["p_gcs_le8"].to_numpy())
         if "p_age_ge80" in oof:
-            lines += _binary_task(row, "age >= 80", age >= 80, oof["p_age_ge80"].to_numpy(),
-                                  balanced_accuracy_score, cohen_kappa_score)
+            lines += _binary_task(row, "age >= 80", age >= 80, oof["p_age_ge80"].to_numpy())
         if "volume_ml_pred" in oof:
             if volumes is None:
                 volumes = pd.Series(haematoma_volumes(manifest), index=truth.index)
@@ -289,10 +286,11 @@ def auxiliary_metrics(predictions: dict[str, pd.DataFrame], manifest: pd.DataFra
     return pd.DataFrame(lines, columns=["row", "task", "metric", "value"])
 
 
-def _binary_task(row: str, task: str, target: np.ndarray, p: np.ndarray, balanced, kappa) -> list[tuple]:
+def _binary_task(row: str, task: str, target: np.ndarray, p: np.ndarray) -> list[tuple]:
+    """Balanced accuracy and kappa at P = 0.5, and AUC, of a binary auxiliary head."""
     target, decided = target.astype(int), (p >= 0.5).astype(int)
-    return [(row, task, "balanced accuracy", balanced(target, decided)),
-            (row, task, "quadratic-weighted kappa", kappa(target, decided, weights="quadratic")),
+    return [(row, task, "balanced accuracy", balanced_accuracy_score(target, decided)),
+            (row, task, "quadratic-weighted kappa", cohen_kappa_score(target, decided, weights="quadratic")),
             (row, task, "AUC", classification_metrics(target, p)["auc"])]
 
 
