@@ -191,11 +191,25 @@ def summarize(rows: list[Row], predictions: dict[str, pd.DataFrame], paper_table
             line[f"{metric}_ci_high"] = scores.at[metric, "ci_high"]
         line["delong_p"] = np.nan
         if reference is not None and row is not reference:
-            ref = predictions[reference.name].set_index("patient_id").loc[oof["patient_id"], "p_bad"]
-            line["delong_p"] = delong_test(oof["label"], oof["p_bad"], ref.to_numpy())[2]
+            line["delong_p"] = paired_auc(predictions, row.name, reference.name)[2]
         line["ceiling_auc"] = _ceiling(truth, oof, row.inputs)
         lines.append(line)
     return pd.DataFrame(lines)
+
+
+def paired_auc(predictions: dict[str, pd.DataFrame], a: str, b: str) -> tuple[float, float, float]:
+    """AUCs of rows ``a`` and ``b`` on the same patients (matched by ``patient_id``) and the paired
+    DeLong p-value of their difference."""
+    first = predictions[a]
+    second = predictions[b].set_index("patient_id").loc[first["patient_id"], "p_bad"]
+    return delong_test(first["label"], first["p_bad"], second.to_numpy())
+
+
+def compare_rows(predictions: dict[str, pd.DataFrame], a: str, b: str) -> str:
+    """One sentence: row ``a``'s AUC against row ``b``'s on the same patients, with the DeLong p-value."""
+    auc_a, auc_b, p = paired_auc(predictions, a, b)
+    return (f"{a}: AUC {auc_a:.3f} vs {b}: {auc_b:.3f}, a difference of {auc_a - auc_b:+.3f} "
+            f"(DeLong p = {p:.2g}).")
 
 
 def _paper_rows(paper_table: str | None) -> dict[str, dict[str, float]]:

@@ -12,6 +12,8 @@ from ichpro.experiments import (
     TABLE_METRICS,
     TABLES,
     Row,
+    compare_rows,
+    paired_auc,
     row_folder,
     row_manifest,
     row_profile,
@@ -109,6 +111,19 @@ def test_summary_columns_paper_numbers_delong_and_ceiling(tmp_path):
     paths = write_table(table, tmp_path / "table1_modalities", "Table 1")
     assert [p.suffix for p in paths] == [".csv", ".md", ".png"] and all(p.stat().st_size for p in paths)
     assert "0.943" in paths[1].read_text()
+
+
+def test_rows_are_compared_patient_by_patient_whatever_their_order():
+    manifest, _ = cohort()
+    a = pd.DataFrame({"patient_id": manifest["patient_id"], "label": manifest["label"],
+                      "p_bad": np.linspace(0, 1, len(manifest))})
+    b = a.assign(p_bad=a["label"] * 0.5 + 0.25)
+    shuffled = {"a": a, "b": b.sample(frac=1, random_state=0)}
+    auc_a, auc_b, p = paired_auc(shuffled, "a", "b")
+    assert auc_a == pytest.approx(roc_auc_score(a["label"], a["p_bad"])) and auc_b == pytest.approx(1.0)
+    assert paired_auc({"a": a, "b": b}, "a", "b") == pytest.approx((auc_a, auc_b, p))
+    assert compare_rows(shuffled, "b", "a") == (f"b: AUC 1.000 vs a: {auc_a:.3f}, a difference of "
+                                                f"{1 - auc_a:+.3f} (DeLong p = {p:.2g}).")
 
 
 def test_table_command_rejects_an_unknown_table(tmp_path, capsys):
