@@ -25,7 +25,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -149,10 +149,9 @@ class BatchSource:
         self.masked: dict[str, torch.Tensor] = {}  # masked_text_states, mlm_labels: (variants, N, ...)
         self.cache_hits: dict[str, bool] = {}
 
-    @property
-    def precomputed(self) -> bool:
-        """Whether the frozen encoders' outputs are in place."""
-        return bool(self.features)
+    def cts(self, idx: Iterable[int]) -> torch.Tensor:
+        """The preprocessed CTs (B, 1, D, H, W) of the patients ``idx``, from the dataset (and its cache)."""
+        return torch.stack([self.dataset[i]["ct"] for i in idx])
 
     @torch.no_grad()
     def precompute(self, model: ICHPro, device: torch.device, batch_size: int, seed: int,
@@ -167,7 +166,7 @@ class BatchSource:
                                                             disable=quiet, leave=False)])
 
         def feature_maps(idx: list[int]) -> torch.Tensor:
-            return model.vision(torch.stack([self.dataset[i]["ct"] for i in idx]).to(device))
+            return model.vision(self.cts(idx).to(device))
 
         if cfg.freeze_vision and cfg.modality != "text":
             key = cache_key("vision", weights=weights_digest(model.vision),
@@ -206,8 +205,7 @@ class BatchSource:
         n, size = len(self.labels), self.profile.model.comparator_input
         if "ct" in inputs:
             def load_cts() -> dict[str, torch.Tensor]:
-                cts = torch.stack([self.dataset[i]["ct"] for i in tqdm(range(n), desc="loading CTs",
-                                                                         disable=quiet, leave=False)])
+                cts = self.cts(tqdm(range(n), desc="loading CTs", disable=quiet, leave=False))
                 resized = size is not None and tuple(cts.shape[2:]) != tuple(size)
                 return {"ct": F.interpolate(cts, size=tuple(size), mode="area") if resized else cts}
 
@@ -251,7 +249,7 @@ class BatchSource:
         """
         batch = {k: v[idx].to(device) for k, v in {**self.tokens, **self.features}.items()}
         if not {"ct", "vision_features"} & batch.keys() and self.profile.model.modality != "text":
-            batch["ct"] = torch.stack([self.dataset[i]["ct"] for i in idx]).to(device)
+            batch["ct"] = self.cts(idx).to(device)
         if self.masked and epoch is not None:
             variant = (epoch - 1) % self.profile.loss.mlm_variants
             batch.update({k: v[variant, idx].to(device) for k, v in self.masked.items()})
@@ -598,7 +596,7 @@ def cross_validate(profile: Profile, manifest: pd.DataFrame, run_dir: Path, *, s
                                   save_dir=run_dir / "text_encoder", seed=seed)
     source = BatchSource(manifest, profile, text, cache_dir)
     metrics_path = run_dir / "metrics.csv"
-    predictions = []
+    predictions, prepared = [], False
     for fold in tqdm(folds, desc="folds", disable=quiet or not dist_info.is_main):
         done = run_dir / f"fold{fold.index}" / "predictions.csv"
         if done.is_file():
@@ -606,8 +604,9 @@ def cross_validate(profile: Profile, manifest: pd.DataFrame, run_dir: Path, *, s
             continue
         trainer = FoldTrainer(profile, source, text, fold, run_dir / f"fold{fold.index}", device,
                               seed, dist_info, quiet)
-        if not source.precomputed:
+        if not prepared:  # once per run: every fold's model has the same inputs and size
             _prepare_inputs(source, trainer, text, device, seed, quiet)
+            prepared = True
             if dist_info.is_main:
                 write_json(run_dir / "parameters.json", {"trainable": count_parameters(trainer.model)
                                                          + count_parameters(trainer.loss)})
