@@ -19,3 +19,11 @@ def smoke_cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("smoke_cohort")
     generate_cohort(load_spec("smoke"), out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def manifest(smoke_cohort):
+    """The smoke cohort's validated manifest (shared: tests must not modify it in place)."""
+    from ichpro.data import load_manifest
+
+    return load_manifest(smoke_cohort / "manifest.csv")

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from ichpro.clinical import CLINICAL_BASELINES, clinical_baseline_cv, clinical_scores
 from ichpro.config import get_profile
-from ichpro.data import haematoma_volumes, load_manifest
+from ichpro.data import haematoma_volumes
 from ichpro.errors import IchproError, ManifestError
 from ichpro.experiments import (
     TABLES,
@@ -33,11 +33,6 @@ FAST = replace(SMOKE, train=replace(SMOKE.train, epochs=2, n_folds=3))
 
 def comparator_profile(name: str):
     return replace(FAST, model=replace(FAST.model, comparator=name))
-
-
-@pytest.fixture(scope="module")
-def manifest(smoke_cohort):
-    return load_manifest(smoke_cohort / "manifest.csv")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from ichpro import explain
 from ichpro.config import get_profile
-from ichpro.data import load_manifest, preprocess_transforms
+from ichpro.data import preprocess_transforms
 from ichpro.errors import IchproError
 from ichpro.models import build_model
 from ichpro.predict import TrainedRun
@@ -27,11 +27,6 @@ def _model(text, seed):
     """A random smoke model (no pretrained vision encoder needed), in eval mode."""
     torch.manual_seed(seed)
     return build_model(SMOKE.model, text.model, SMOKE.loss).eval()
-
-
-@pytest.fixture(scope="module")
-def manifest(smoke_cohort):
-    return load_manifest(smoke_cohort / "manifest.csv")
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,12 @@ import torch
 
 from ichpro import train as train_module
 from ichpro.config import get_profile
-from ichpro.data import load_manifest
 from ichpro.errors import IchproError
 from ichpro.metrics import classification_metrics
 from ichpro.train import cross_validate, split_folds
 
 SMOKE = get_profile("smoke")
 FAST = replace(SMOKE, train=replace(SMOKE.train, epochs=3, n_folds=3))
-
-
-@pytest.fixture(scope="module")
-def manifest(smoke_cohort):
-    return load_manifest(smoke_cohort / "manifest.csv")
 
 
 @pytest.fixture(scope="module")
