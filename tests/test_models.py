@@ -1,6 +1,7 @@
 """ICHPro model: shapes, parameter counts, gradients, the report matters, attention, determinism."""
 
 import copy
+import math
 from dataclasses import replace
 
 import pytest
@@ -11,8 +12,8 @@ from ichpro.config import FUSION_STRUCTURES, LossConfig, get_profile
 from ichpro.errors import IchproError
 from ichpro.losses import CompositeLoss
 from ichpro.models import build_model
-from ichpro.models.encoders import VisionEncoder
-from ichpro.models.fusion import CMAF, FusionStack, SoftPool3d
+from ichpro.models.encoders import TextEncoder, VisionEncoder
+from ichpro.models.fusion import CMAF, TRT, FusionStack, SoftPool3d
 from ichpro.models.heads import SequenceHeader
 from ichpro.reports import Report, render
 from ichpro.text import load_text_backbone, mask_tokens, tokenize
@@ -67,7 +68,7 @@ def test_shapes_and_attention_rows_for_every_structure(tiny, structure):
 
 def test_cpu_profile_shapes():
     cpu = get_profile("cpu")
-    bert = BertModel(BertConfig(vocab_size=100, hidden_size=384, num_hidden_layers=1,
+    bert = BertModel(BertConfig(vocab_size=100, hidden_size=384, num_hidden_layers=cpu.model.text_layers,
                                 num_attention_heads=12, intermediate_size=64))
     model = build_model(cpu.model, bert, cpu.loss).eval()
     ids = torch.randint(5, 100, (1, 20))
@@ -245,3 +246,64 @@ def test_single_modality_models_ignore_the_other_input(tiny, modality):
     assert not any(p.requires_grad for p in unused.parameters())
     with pytest.raises(IchproError, match="cross-entropy alone"):
         build_model(cfg, copy.deepcopy(tiny.model), SMOKE.loss)
+
+
+def test_trt_queries_read_the_report_and_ignore_padding():
+    trt = TRT(hidden=16, dim=8, max_tokens=12, grid=(2, 2, 2), heads=2).eval()
+    states = torch.randn(2, 6, 16)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    grid, attention = trt(states, mask)
+    assert grid.shape == (2, 8, 2, 2, 2) and attention.shape == (2, 2, 8, 6)  # (B, heads, |G|, L)
+    assert torch.allclose(attention.sum(-1), torch.ones(())) and (attention[1, :, :, 3:] == 0).all()
+    padded = torch.cat([states, torch.randn(2, 4, 16)], dim=1)  # more padding, other junk in it
+    longer = torch.cat([mask, torch.zeros(2, 4, dtype=torch.long)], dim=1)
+    assert torch.allclose(trt(padded, longer)[0], grid, atol=1e-6)
+    edited = states.clone()
+    edited[1, 0] = torch.randn(16)  # a real token of report 1 changes its pseudo-volume only
+    moved = trt(edited, mask)[0]
+    assert torch.equal(moved[0], grid[0]) and not torch.allclose(moved[1], grid[1])
+    cells = grid.flatten(2).transpose(1, 2)
+    assert not torch.allclose(cells[:, 0], cells[:, 1])  # each cell has its own query and position
+
+
+def test_positional_trt_keeps_the_token_position_map(tiny):
+    trt = TRT(hidden=16, dim=8, max_tokens=12, grid=(2, 2, 2), heads=2, mode="positional")
+    grid, attention = trt(torch.randn(2, 6, 16), torch.ones(2, 6))
+    assert grid.shape == (2, 8, 2, 2, 2) and attention is None
+    out = smoke_model(tiny, trt="positional")(**make_batch(tiny))
+    assert out.token_attention is None and out.logits.shape == (4, 2)
+    with pytest.raises(IchproError, match="unknown TRT mode 'words'"):
+        TRT(16, 8, 12, (2, 2, 2), 2, mode="words")
+
+
+def test_the_model_returns_which_tokens_each_grid_cell_reads(tiny):
+    batch = make_batch(tiny)
+    out = smoke_model(tiny)(**batch)
+    cells, length = math.prod(SMOKE.model.grid), batch["input_ids"].shape[1]
+    assert out.token_attention.shape == (4, SMOKE.model.heads, cells, length)
+    padding = batch["attention_mask"] == 0
+    assert (out.token_attention.permute(0, 3, 1, 2)[padding] == 0).all()
+
+
+def test_text_layers_take_the_states_of_that_layer(tiny):
+    batch = make_batch(tiny)
+    with torch.no_grad():
+        every = copy.deepcopy(tiny.model).eval()(input_ids=batch["input_ids"],
+                                                 attention_mask=batch["attention_mask"],
+                                                 output_hidden_states=True).hidden_states
+        encoder = TextEncoder(copy.deepcopy(tiny.model), layers=1).eval()
+        first = encoder(batch["input_ids"], batch["attention_mask"])
+    assert len(encoder.bert.encoder.layer) == 1 and torch.allclose(first, every[1], atol=1e-6)
+    assert smoke_model(tiny, text_layers=1).text.bert.config.num_hidden_layers == 1
+    with pytest.raises(IchproError, match="text_layers 3 is not between 1 and the encoder's 2 layers"):
+        TextEncoder(copy.deepcopy(tiny.model), layers=3)
+
+
+def test_cmaf_pool_sets_the_grid_cmaf_attends_over():
+    assert CMAF(dim=8, heads=2, grid=(2, 4, 4)).pooled_grid == (1, 2, 2)  # SoftPool 2 on even sides
+    cmaf = CMAF(dim=8, heads=2, grid=(2, 4, 4), pool=(1, 1, 1))
+    fused, maps = cmaf(torch.randn(1, 8, 2, 4, 4), torch.randn(1, 8, 2, 4, 4))
+    assert cmaf.pooled_grid == (2, 4, 4) and maps["text_to_vision"].shape == (1, 2, 32, 32)
+    cpu = get_profile("cpu").model
+    stack = FusionStack(cpu.fusion, cpu.dim, cpu.heads, cpu.grid, cmaf_pool=cpu.cmaf_pool)
+    assert math.prod(stack.map_grids["stage1_cmaf_text_to_vision"]) >= 32  # a grid to point with

@@ -61,11 +61,19 @@ class VisionEncoder(nn.Module):
 
 
 class TextEncoder(nn.Module):
-    """A BERT returning the last hidden states f_t (B, L, H) of the report tokens."""
+    """A BERT returning the token states f_t (B, L, H) of the report after its first ``layers``
+    transformer layers (all when None); the layers above are dropped, not computed."""
 
-    def __init__(self, bert: nn.Module):
+    def __init__(self, bert: nn.Module, layers: int | None = None):
         super().__init__()
         bert.pooler = None  # ICHPro uses the token states, not BERT's [CLS] pooler
+        available = len(bert.encoder.layer)
+        if layers is not None:
+            if not 1 <= layers <= available:
+                raise IchproError(f"text_layers {layers} is not between 1 and the encoder's "
+                                  f"{available} layers")
+            bert.encoder.layer = bert.encoder.layer[:layers]
+            bert.config.num_hidden_layers = layers
         self.bert = bert
         self.hidden_size = bert.config.hidden_size
 

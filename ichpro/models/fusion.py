@@ -5,11 +5,16 @@ notebook 04 next to the code:
 
 * **VRT** (vision representation transform): a 1×1×1 convolution C_v → C with batch
   normalisation and adaptive average pooling of the last ResNet feature map to a grid G = (d, h, w).
-* **TRT** (text representation transform): a linear map H → C on every token, then a learned
-  token-mixing map L → |G| (padded tokens contribute nothing), reshaped to the grid: a text
-  *pseudo-volume* aligned with the vision grid.
-* **CMAF** (cross-modal attention fusion): both grids are reduced by SoftPool3d (pure PyTorch),
-  then attend to each other in both directions (vision queries → text keys/values and the reverse).
+* **TRT** (text representation transform): the report's token states (from the text encoder's
+  ``text_layers``-th layer), normalised and mapped H -> C, are read by one learned query per grid
+  cell (a learned vector plus a 3D position embedding, the sum of one learned vector per depth, row
+  and column index), which attends over the tokens, masked at padding: a text *pseudo-volume*
+  aligned with the vision grid. Its token attention (which words each cell reads) is returned.
+  ``trt="positional"`` keeps the earlier reading instead: a learned token-mixing map L -> |G| over
+  token *positions*, which moves with the report's layout and has no attention to show.
+* **CMAF** (cross-modal attention fusion): both grids are reduced by SoftPool3d (pure PyTorch;
+  kernel ``cmaf_pool``, by default 2 along every even grid side), then attend to each other in
+  both directions (vision queries → text keys/values and the reverse).
   Each modality's Q, K, V projections carry softmax-normalised learnable gains, and a learnable
   softmax pair (w1, w2) weights the two directions. The pooled inputs are residual branches; the
   two results are concatenated, up-sampled back to the grid and mixed by a 1×1×1 convolution.
@@ -49,12 +54,17 @@ def to_grid(seq: torch.Tensor, grid: Grid) -> torch.Tensor:
     return seq.transpose(1, 2).reshape(seq.shape[0], seq.shape[2], *grid)
 
 
-def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled dot-product attention, returning the output (B, Nq, C) and weights (B, heads, Nq, Nk)."""
+def multi_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int,
+                         key_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled dot-product attention, returning the output (B, Nq, C) and weights (B, heads, Nq, Nk).
+
+    ``key_mask`` (B, Nk), true (or 1) at the keys that may be attended, gives the others weight 0.
+    """
     b, nq, c = q.shape
     split = lambda x: x.reshape(b, x.shape[1], heads, c // heads).transpose(1, 2)  # noqa: E731
     scores = split(q) @ split(k).transpose(-1, -2) / math.sqrt(c // heads)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
     weights = scores.float().softmax(dim=-1).to(q.dtype)
     out = (weights @ split(v)).transpose(1, 2).reshape(b, nq, c)
     return out, weights
@@ -94,31 +104,59 @@ class VRT(nn.Module):
         return self.pool(self.norm(self.project(features)))
 
 
+TRT_MODES = ("queries", "positional")
+
+
 class TRT(nn.Module):
-    """Text representation transform: tokens H -> C, then a learned token map L -> |G| to the grid."""
+    """Text representation transform: token states (B, L, H) -> text pseudo-volume (B, C, *grid).
 
-    def __init__(self, hidden: int, dim: int, max_tokens: int, grid: Grid):
+    ``mode="queries"``: one learned query per grid cell (plus a 3D position embedding) attends over
+    the tokens; ``mode="positional"``: a learned map from token positions L -> |G|. Both return
+    ``(grid, token_attention)``, the latter (B, heads, |G|, L) or None for the positional map.
+    """
+
+    def __init__(self, hidden: int, dim: int, max_tokens: int, grid: Grid, heads: int,
+                 mode: str = "queries"):
         super().__init__()
-        self.grid = grid
-        self.max_tokens = max_tokens
-        self.project = nn.Linear(hidden, dim)
-        self.mix = nn.Linear(max_tokens, math.prod(grid))
+        if mode not in TRT_MODES:
+            raise IchproError(f"unknown TRT mode {mode!r}; choose one of {TRT_MODES}")
+        self.grid, self.max_tokens, self.heads, self.mode = grid, max_tokens, heads, mode
+        self.project = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
+        if mode == "positional":
+            self.mix = nn.Linear(max_tokens, math.prod(grid))
+            return
+        self.queries = nn.Parameter(torch.randn(math.prod(grid), dim) * dim ** -0.5)
+        self.axes = nn.ParameterList([nn.Parameter(torch.randn(g, dim) * dim ** -0.5) for g in grid])
+        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
 
-    def forward(self, states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        x = self.project(states) * attention_mask.unsqueeze(-1).to(states.dtype)  # (B, L, C)
-        x = F.pad(x, (0, 0, 0, self.max_tokens - x.shape[1]))  # pad L to max_tokens
-        mixed = self.mix(x.transpose(1, 2))  # (B, C, |G|)
-        return mixed.reshape(x.shape[0], -1, *self.grid)
+    def position_embedding(self) -> torch.Tensor:
+        """(|G|, C): the sum of the cell's depth, row and column embeddings, in (d, h, w) order."""
+        depth, rows, columns = self.axes
+        return (depth[:, None, None] + rows[None, :, None] + columns[None, None, :]).flatten(0, 2)
+
+    def forward(self, states: torch.Tensor, attention_mask: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        x = self.project(states)  # (B, L, C)
+        if self.mode == "positional":
+            x = x * attention_mask.unsqueeze(-1).to(x.dtype)  # padded tokens contribute nothing
+            x = F.pad(x, (0, 0, 0, self.max_tokens - x.shape[1]))  # pad L to max_tokens
+            return self.mix(x.transpose(1, 2)).reshape(x.shape[0], -1, *self.grid), None
+        query = (self.queries + self.position_embedding()).expand(x.shape[0], -1, -1)
+        k, v = self.kv(x).chunk(2, dim=-1)
+        read, weights = multi_head_attention(self.q(query), k, v, self.heads, key_mask=attention_mask)
+        return to_grid(self.norm(query + self.out(read)), self.grid), weights
 
 
 class CMAF(nn.Module):
     """Cross-modal attention fusion of a vision grid and a text grid (see the module docstring)."""
 
-    def __init__(self, dim: int, heads: int, grid: Grid):
+    def __init__(self, dim: int, heads: int, grid: Grid, pool: Grid | None = None):
         super().__init__()
         self.heads = heads
         self.grid = grid
-        self.pool = SoftPool3d(tuple(2 if g % 2 == 0 else 1 for g in grid))
+        self.pool = SoftPool3d(tuple(2 if g % 2 == 0 else 1 for g in grid) if pool is None else pool)
         self.pooled_grid = tuple(g // k for g, k in zip(grid, self.pool.kernel_size))
         self.qkv_vision = nn.Linear(dim, 3 * dim)
         self.qkv_text = nn.Linear(dim, 3 * dim)
@@ -182,7 +220,8 @@ class FusionStack(nn.Module):
     """One of the six fusion structures (or self-attention over one modality), then up-sampling ×2
     and a 3×3×3 conv (f_tbv)."""
 
-    def __init__(self, structure: str, dim: int, heads: int, grid: Grid, modality: str = "both"):
+    def __init__(self, structure: str, dim: int, heads: int, grid: Grid, modality: str = "both",
+                 cmaf_pool: Grid | None = None):
         super().__init__()
         if structure not in FUSION_STRUCTURES:
             raise IchproError(f"unknown fusion structure {structure!r}; choose one of {FUSION_STRUCTURES}")
@@ -196,7 +235,7 @@ class FusionStack(nn.Module):
         kinds = structure.split("-") if modality == "both" else ["self-over-one"]
         for i, kind in enumerate(kinds):
             if kind == "cross":
-                stage, keys = CMAF(dim, heads, grid), ("vision_to_text", "text_to_vision")
+                stage, keys = CMAF(dim, heads, grid, cmaf_pool), ("vision_to_text", "text_to_vision")
             elif i == 0 and kind == "self":
                 stage, keys = JointSelfAttention(dim, heads, grid), ("joint",)
             else:

@@ -35,6 +35,7 @@ class ICHProOutput:
     mlm_labels: torch.Tensor | None = None  # (N,) the original tokens there
     vision_logits: torch.Tensor | None = None  # unimodal heads (gradient-blending loss)
     text_logits: torch.Tensor | None = None
+    token_attention: torch.Tensor | None = None  # TRT's (B, heads, |G|, L): which tokens each cell reads
 
     def attention_volume(self, name: str, size: tuple[int, int, int]) -> torch.Tensor:
         """Attention received by each grid position of map ``name``, up-sampled to ``size``.
@@ -63,14 +64,15 @@ class ICHPro(nn.Module):
         self.vision = VisionEncoder(cfg.vision_depth, cfg.vision_widths, cfg.vision_no_max_pool)
         if cfg.vision_weights:
             self.vision.load_weights(cfg.vision_weights)
-        self.text = TextEncoder(text_model)
+        self.text = TextEncoder(text_model, cfg.text_layers)
         hidden = self.text.hidden_size
         if cfg.modality != "both" and (with_embeddings or with_mlm or with_unimodal_heads):
             raise IchproError(f"a {cfg.modality}-only model trains with cross-entropy alone: the other "
                               "loss terms need both modalities")
         self.vrt = VRT(self.vision.out_channels, cfg.dim, cfg.grid) if cfg.modality != "text" else None
-        self.trt = TRT(hidden, cfg.dim, cfg.max_tokens, cfg.grid) if cfg.modality != "vision" else None
-        self.fusion = FusionStack(cfg.fusion, cfg.dim, cfg.heads, cfg.grid, cfg.modality)
+        self.trt = (TRT(hidden, cfg.dim, cfg.max_tokens, cfg.grid, cfg.heads, cfg.trt)
+                    if cfg.modality != "vision" else None)
+        self.fusion = FusionStack(cfg.fusion, cfg.dim, cfg.heads, cfg.grid, cfg.modality, cfg.cmaf_pool)
         self.header = SequenceHeader(cfg.dim, cfg.header_blocks, cfg.header_growth)
         # only the branches the loss uses are built: every parameter then receives a gradient
         self.projections = (nn.ModuleDict({"vision": nn.Linear(cfg.dim, cfg.dim),
@@ -110,15 +112,15 @@ class ICHPro(nn.Module):
         ``mlm_input_ids``). The MLM branch runs when a masked report and its ``mlm_labels``
         (original token at masked positions, -100 elsewhere) are given.
         """
-        v_grid = t_grid = None
+        v_grid = t_grid = token_attention = None
         if self.vrt is not None:
             v_grid = self.vrt(self.vision(ct) if vision_features is None else vision_features)
         if self.trt is not None:
             f_t = self.text(input_ids, attention_mask) if text_states is None else text_states
-            t_grid = self.trt(f_t, attention_mask)
+            t_grid, token_attention = self.trt(f_t, attention_mask)
         fused, attentions = self.fusion(v_grid, t_grid)
         out = ICHProOutput(logits=self.header(fused), fused=fused, attentions=attentions,
-                           attention_grids=self.fusion.map_grids)
+                           attention_grids=self.fusion.map_grids, token_attention=token_attention)
         if self.projections is not None:
             mask = attention_mask.unsqueeze(-1).to(f_t.dtype)
             out.vision_embedding = self.projections["vision"](v_grid.mean(dim=(2, 3, 4)))
