@@ -23,6 +23,7 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -89,6 +90,11 @@ def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManage
         raise IchproError(f"amp must be auto, bf16, fp16 or off, not {amp!r}")
     dtype = torch.bfloat16 if amp == "bf16" else torch.float16
     return torch.autocast(device.type, dtype=dtype)
+
+
+def cosine_lr(base: float, epoch: int, epochs: int) -> float:
+    """The learning rate of ``epoch`` (from 1): a cosine schedule from ``base`` to 0 after ``epochs``."""
+    return base * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / max(epochs, 1)))
 
 
 # --------------------------------------------------------------------------- distributed
@@ -471,6 +477,8 @@ class FoldTrainer:
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.profile.train
         self.ddp_model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = cosine_lr(cfg.lr, epoch, cfg.epochs) if cfg.lr_schedule == "cosine" else cfg.lr
         generator = torch.Generator().manual_seed(self.seed * 7919 + self.fold.index * 101 + epoch)
         sums: dict[str, float] = {}
         n = 0

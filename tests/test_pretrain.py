@@ -10,7 +10,14 @@ from safetensors.torch import load_file
 from ichpro.config import PretrainConfig, get_profile
 from ichpro.errors import IchproError
 from ichpro.models.encoders import VisionEncoder
-from ichpro.pretrain import PretrainNet, pretrain_loss, pretrain_vision, pretrained_path, with_vision_weights
+from ichpro.pretrain import (
+    PretrainNet,
+    grid_dice_ceiling,
+    pretrain_loss,
+    pretrain_vision,
+    pretrained_path,
+    with_vision_weights,
+)
 
 SMOKE = get_profile("smoke")
 TINY = replace(SMOKE, pretrain=PretrainConfig(n_patients=24, epochs=2, batch_size=8))
@@ -82,3 +89,25 @@ def test_segmentation_head_output_matches_the_input_size():
     net = PretrainNet(SMOKE)
     logits, volume = net(torch.rand(2, 1, *SMOKE.preprocess.spatial_size))
     assert logits.shape == (2, 2, *SMOKE.preprocess.spatial_size) and volume.shape == (2,)
+
+
+def test_the_kept_encoder_is_the_best_held_out_epoch(small_cohort, tmp_path):
+    three = replace(TINY, pretrain=replace(TINY.pretrain, epochs=3))
+    card = pretrain_vision(three, tmp_path, quiet=True, cohort=small_cohort)
+    losses = [h["held_out_loss"] for h in card["history"]]
+    assert card["best_epoch"] == 1 + losses.index(min(losses))
+    assert card["held_out"] == card["history"][card["best_epoch"] - 1]
+    kept, best = (load_file(str(tmp_path / name)) for name in ("vision.safetensors", "best.safetensors"))
+    assert all(torch.equal(kept[k], best[k]) for k in kept)
+    assert f"kept: epoch {card['best_epoch']}" in (tmp_path / "card.md").read_text()
+
+
+def test_grid_dice_reference_is_one_on_a_cell_aligned_block_and_lower_on_a_small_blob():
+    blood = torch.zeros(1, 8, 8, 8)
+    blood[0, :4, :4, :4] = 1  # exactly one cell of a 2x2x2 grid
+    aligned = grid_dice_ceiling(blood, (2, 2, 2))
+    assert 0.6 < aligned.item() < 1  # trilinear up-sampling blurs the cell's edges
+    assert grid_dice_ceiling(blood, (8, 8, 8)).item() == pytest.approx(1.0)
+    small = torch.zeros(1, 8, 8, 8)
+    small[0, 1:3, 1:3, 1:3] = 1
+    assert grid_dice_ceiling(small, (2, 2, 2)).item() < aligned.item()
