@@ -1,0 +1,57 @@
+"""Linear probes on a frozen text encoder: how much of the outcome each layer's token states expose.
+
+A probe is a logistic regression on a report's mean-pooled token states (padding excluded). It
+chooses ``ModelConfig.text_layers`` without touching a test fold: :func:`layer_probe` fits each
+layer's probe on the inner training part of every cross-validation fold and scores it on that
+fold's inner validation split only (:func:`ichpro.train.split_folds`, the same splits that select
+the models' checkpoints).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from transformers import BertModel
+
+from ichpro.metrics import classification_metrics
+
+
+@torch.no_grad()
+def pooled_layer_states(model: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        batch_size: int = 64) -> np.ndarray:
+    """Mean-pooled token states after every layer: (layers + 1, N, H), index 0 = the embeddings."""
+    model.eval()
+    pooled = []
+    for start in range(0, len(input_ids), batch_size):
+        ids, mask = input_ids[start:start + batch_size], attention_mask[start:start + batch_size]
+        hidden = model(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        weights = mask.unsqueeze(-1).float()
+        pooled.append(torch.stack([(h * weights).sum(1) / weights.sum(1) for h in hidden]))
+    return torch.cat(pooled, dim=1).numpy()
+
+
+def probe() -> object:
+    """The probe: standardised features, L2-regularised logistic regression."""
+    return make_pipeline(StandardScaler(), LogisticRegression(C=0.1, max_iter=2000))
+
+
+def layer_probe(pooled: np.ndarray, labels: np.ndarray, folds: Sequence) -> pd.DataFrame:
+    """Inner-validation AUC of a probe on each layer (rows: layer 0 = embeddings ... L).
+
+    ``folds``: :class:`ichpro.train.Fold` objects; each layer's probe is fitted on every fold's
+    ``train`` patients and scored on its ``val`` patients. Columns: ``inner_val_auc`` (mean over
+    folds) and ``inner_val_auc_sd``.
+    """
+    rows = []
+    for layer, features in enumerate(pooled):
+        aucs = [classification_metrics(labels[f.val], probe().fit(features[f.train], labels[f.train])
+                                       .predict_proba(features[f.val])[:, 1])["auc"] for f in folds]
+        rows.append({"layer": layer, "inner_val_auc": float(np.mean(aucs)),
+                     "inner_val_auc_sd": float(np.std(aucs))})
+    return pd.DataFrame(rows).set_index("layer")
