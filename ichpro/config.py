@@ -42,9 +42,12 @@ class ModelConfig:
     vision_no_max_pool: bool = False  # drop the stem's max-pool (small inputs keep an 8x8 map)
     vision_weights: str | None = None  # local state dict (e.g. MedicalNet) for the vision encoder
     text_encoder: str = "bioclinicalbert"  # tiny | minilm | bioclinicalbert | a local folder
+    text_layers: int | None = None  # token states after this many encoder layers (None: all)
     max_tokens: int = 128
+    trt: str = "queries"  # TRT: grid-cell queries over the tokens | positional (a token-position map)
     dim: int = 256  # fusion width C
     grid: tuple[int, int, int] = (2, 8, 8)  # fusion grid G (d, h, w)
+    cmaf_pool: tuple[int, int, int] | None = None  # CMAF's SoftPool kernel (None: 2 on even sides)
     heads: int = 16  # MHSAF heads
     fusion: str = "cross-self"  # one of FUSION_STRUCTURES
     modality: str = "both"  # one of MODALITIES; a single modality replaces the fusion by self-attention
@@ -77,6 +80,7 @@ class TrainConfig:
     n_folds: int = 5
     val_fraction: float = 0.2  # inner validation split of the training folds (checkpoint selection)
     patience: int | None = None  # early stopping after this many epochs without improvement
+    lr_schedule: str = "constant"  # constant | cosine (from lr down to 0 at the last epoch)
     grad_accumulation: int = 1
     amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | bf16 | fp16 | off
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -117,19 +121,21 @@ PROFILES: dict[str, Profile] = {
                           text_encoder="tiny", dim=32, grid=(2, 4, 4), heads=4,
                           header_blocks=(2, 2, 2, 2), header_growth=8, freeze_vision=True,
                           freeze_text=True, comparator_input=(16, 32, 32)),
-        train=TrainConfig(epochs=4, batch_size=8, lr=1e-4),
+        train=TrainConfig(epochs=4, batch_size=8, lr=1e-4, lr_schedule="cosine"),
         pretrain=PretrainConfig(n_patients=48, epochs=4),
     ),
+    # cpu: text_layers 5 is MiniLM's best layer for an inner-validation probe (ichpro.probes, notebook
+    # 07); CMAF skips SoftPool, which would leave 4 cells of the 2x4x4 grid to attend over.
     "cpu": Profile(
         "cpu",
         cohort="cpu",
         preprocess=PreprocessConfig(spatial_size=(32, 64, 64)),
         model=ModelConfig(vision_depth=18, vision_widths=(16, 32, 64, 128), vision_no_max_pool=True,
-                          text_encoder="minilm", dim=64, grid=(2, 4, 4), heads=8,
-                          header_blocks=(2, 4, 8, 4), header_growth=16, freeze_vision=True,
-                          freeze_text=True, comparator_input=(16, 32, 32)),
-        train=TrainConfig(epochs=10, batch_size=32, lr=3e-4, patience=3),
-        pretrain=PretrainConfig(n_patients=200, epochs=6),
+                          text_encoder="minilm", text_layers=5, dim=64, grid=(2, 4, 4),
+                          cmaf_pool=(1, 1, 1), heads=8, header_blocks=(2, 4, 8, 4), header_growth=16,
+                          freeze_vision=True, freeze_text=True, comparator_input=(16, 32, 32)),
+        train=TrainConfig(epochs=12, batch_size=16, lr=1e-3, patience=4, lr_schedule="cosine"),
+        pretrain=PretrainConfig(n_patients=200, epochs=8),
     ),
     "paper": Profile(
         "paper",

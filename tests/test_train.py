@@ -15,7 +15,7 @@ from ichpro import train as train_module
 from ichpro.config import get_profile
 from ichpro.errors import IchproError
 from ichpro.metrics import classification_metrics
-from ichpro.train import cross_validate, split_folds
+from ichpro.train import cosine_lr, cross_validate, split_folds
 
 SMOKE = get_profile("smoke")
 FAST = replace(SMOKE, train=replace(SMOKE.train, epochs=3, n_folds=3))
@@ -60,6 +60,15 @@ def test_run_folder_records_config_metrics_and_checkpoints(finished_run):
                                                       "predictions.csv"}
         assert not list(folder.glob("*.tmp"))
         assert json.loads((folder / "state.json").read_text())["epoch"] == 3
+
+
+def test_cosine_schedule_runs_from_the_base_rate_to_zero_and_is_applied_each_epoch(finished_run):
+    assert cosine_lr(1e-3, 1, 10) == 1e-3 and cosine_lr(1e-3, 6, 10) == pytest.approx(5e-4)
+    assert cosine_lr(1e-3, 11, 10) == pytest.approx(0, abs=1e-12)
+    assert FAST.train.lr_schedule == "cosine"
+    state = json.loads((finished_run[0] / "fold0" / "state.json").read_text())
+    last_lr = state["optimizer"]["param_groups"][0]["lr"]
+    assert last_lr == pytest.approx(cosine_lr(FAST.train.lr, state["epoch"], FAST.train.epochs))
 
 
 def test_checkpoints_leave_out_frozen_encoders(finished_run):
