@@ -50,17 +50,19 @@ class Row:
     train: dict = field(default_factory=dict)  # TrainConfig fields to replace
     drop_stay: bool = False  # reports without the outcome-leaking Hospital Stay field
     reference: bool = False  # the row the others are tested against (ICHPro)
+    seeds: int = 1  # training seeds (seed, seed + 1, ...): more than one reports the AUC's spread
 
 
-#: Comparators that train their 3D backbone from scratch: a larger step size and smaller batches
-#: than the frozen-encoder rows (the multi-task DenseNet's authors trained with lr 1e-3 too).
-FROM_SCRATCH = {"lr": 1e-3, "batch_size": 16}
+#: Comparators that train their 3D backbone from scratch: lr 1e-3 (the multi-task DenseNet's authors
+#: trained with lr 1e-3 too), batch 16, at most 10 epochs with patience 3 at a constant rate.
+FROM_SCRATCH = {"lr": 1e-3, "batch_size": 16, "epochs": 10, "patience": 3, "lr_schedule": "constant"}
 
 TABLES: dict[str, tuple[str, list[Row]]] = {
     "table1_modalities": ("1_modalities", [
-        Row("Text only", "Text only", "report", {"modality": "text"}, "ce"),
-        Row("Vision only", "Vision only", "image", {"modality": "vision"}, "ce"),
-        Row("ICHPro", "ICHPro (text + vision)", reference=True),
+        Row("Text only", "Text only", "report", {"modality": "text"}, "ce", seeds=3),
+        Row("Vision only", "Vision only", "image", {"modality": "vision"}, "ce", seeds=3),
+        Row("ICHPro", "ICHPro (text + vision)", reference=True, seeds=3),
+        Row("Text only, positional TRT", None, "report", {"modality": "text", "trt": "positional"}, "ce"),
         Row("Text only, no Hospital Stay", None, "report_no_stay", {"modality": "text"}, "ce",
             drop_stay=True),
         Row("ICHPro, no Hospital Stay", None, drop_stay=True),
@@ -205,11 +207,27 @@ def paired_auc(predictions: dict[str, pd.DataFrame], a: str, b: str) -> tuple[fl
     return delong_test(first["label"], first["p_bad"], second.to_numpy())
 
 
-def compare_rows(predictions: dict[str, pd.DataFrame], a: str, b: str) -> str:
-    """One sentence: row ``a``'s AUC against row ``b``'s on the same patients, with the DeLong p-value."""
+def compare_rows(predictions: dict[str, pd.DataFrame], a: str, b: str, table: pd.DataFrame | None = None
+                 ) -> str:
+    """One sentence: row ``a``'s AUC against row ``b``'s on the same patients, with the DeLong p-value.
+
+    With a ``table`` holding both rows' AUC over seeds (:func:`seed_spread`), the difference is
+    called real only when DeLong p < 0.05 *and* the two rows' seed ranges do not overlap.
+    """
     auc_a, auc_b, p = paired_auc(predictions, a, b)
-    return (f"{a}: AUC {auc_a:.3f} vs {b}: {auc_b:.3f}, a difference of {auc_a - auc_b:+.3f} "
+    said = (f"{a}: AUC {auc_a:.3f} vs {b}: {auc_b:.3f}, a difference of {auc_a - auc_b:+.3f} "
             f"(DeLong p = {p:.2g}).")
+    t = None if table is None or "n_seeds" not in table else table.set_index("row")
+    if t is None or t.loc[[a, b], "n_seeds"].isna().any():
+        return said
+    low, high = t.loc[[a, b], "auc_seed_min"], t.loc[[a, b], "auc_seed_max"]
+    apart = low.max() > high.min()
+    said += (f" Over {int(t.at[a, 'n_seeds'])} training seeds {a} ranges {low[a]:.3f}-{high[a]:.3f} and {b} "
+             f"{low[b]:.3f}-{high[b]:.3f}: the ranges {'do not overlap' if apart else 'overlap'}.")
+    missing = ([] if p < 0.05 else [f"DeLong p = {p:.2g} is not below 0.05"]) + ([] if apart else
+                                                                               ["the seed ranges overlap"])
+    return said + (" The difference is real: it beats both the DeLong test and the seed spread." if not missing
+                   else f" The difference is not established: {' and '.join(missing)}.")
 
 
 def _paper_rows(paper_table: str | None) -> dict[str, dict[str, float]]:
@@ -248,17 +266,36 @@ def row_costs(rows: list[Row], profile: Profile, out: str | Path, seed: int = 0)
     return pd.DataFrame(lines)
 
 
+def seed_spread(rows: list[Row], profile: Profile, manifest: pd.DataFrame, out: str | Path, *,
+                seed: int = 0, **run_options) -> pd.DataFrame:
+    """The AUC of every row with more than one seed (:attr:`Row.seeds`), trained (or loaded) with
+    seeds ``seed, seed + 1, ...``: each seed draws its own folds, inner splits and initialisation.
+    One line per such row: ``n_seeds``, ``auc_seed_min``, ``auc_seed_max``, ``auc_seed_sd``."""
+    lines = []
+    for row in (r for r in rows if r.seeds > 1):
+        aucs = []
+        for s in range(seed, seed + row.seeds):
+            oof = run_rows([row], profile, manifest, out, seed=s, **run_options)[row.name]
+            aucs.append(classification_metrics(oof["label"], oof["p_bad"])["auc"])
+        lines.append({"row": row.name, "n_seeds": row.seeds, "auc_seed_min": min(aucs),
+                      "auc_seed_max": max(aucs), "auc_seed_sd": float(np.std(aucs, ddof=1))})
+    return pd.DataFrame(lines, columns=["row", "n_seeds", "auc_seed_min", "auc_seed_max", "auc_seed_sd"])
+
+
 def run_table(name: str, profile: Profile, manifest: pd.DataFrame, out: str | Path, *,
               truth: pd.DataFrame | None = None, seed: int = 0, resume: bool = False, quiet: bool = False,
               cache_dir: Path | None = None, n_boot: int = 1000) -> pd.DataFrame:
     """Run (or load) every row of a named table and return its summary (with :func:`row_costs` for
-    the :data:`COSTED_TABLES`)."""
+    the :data:`COSTED_TABLES`, and :func:`seed_spread` where rows have several seeds)."""
     rows = table_rows(name)
-    predictions = run_rows(rows, profile, manifest, out, seed=seed, resume=resume, quiet=quiet,
-                           cache_dir=cache_dir)
+    options = {"resume": resume, "quiet": quiet, "cache_dir": cache_dir}
+    predictions = run_rows(rows, profile, manifest, out, seed=seed, **options)
     table = summarize(rows, predictions, TABLES[name][0], truth, n_boot=n_boot, seed=seed)
     if name in COSTED_TABLES:
         table = table.merge(row_costs(rows, profile, out, seed), on="row")
+    if any(r.seeds > 1 for r in rows):
+        table = table.merge(seed_spread(rows, profile, manifest, out, seed=seed, **options), on="row",
+                            how="left")
     return table
 
 
@@ -311,9 +348,10 @@ def _binary_task(row: str, task: str, target: np.ndarray, p: np.ndarray) -> list
 def to_markdown(table: pd.DataFrame) -> str:
     """The summary as a Markdown table: paper | ours (95 % CI) per metric, DeLong p and ceiling, and
     parameters and seconds per fold when the table has them."""
-    costs = "params" in table.columns
+    costs, seeds = "params" in table.columns, "n_seeds" in table.columns
     header = (["row"] + [f"{m} paper \\| ours (95 % CI)" for m in TABLE_METRICS] + ["DeLong p", "ceiling AUC"]
-              + (["trainable params", "s / fold"] if costs else []))
+              + (["trainable params", "s / fold"] if costs else [])
+              + (["AUC over seeds: min–max (sd)"] if seeds else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table.to_dict("records"):
         cells = [r["row"]]
@@ -325,6 +363,10 @@ def to_markdown(table: pd.DataFrame) -> str:
         if costs:
             cells.append("—" if np.isnan(r["params"]) else f"{int(r['params']):,}")
             cells.append("—" if np.isnan(r["seconds_per_fold"]) else f"{r['seconds_per_fold']:.1f}")
+        if seeds:
+            cells.append("—" if np.isnan(r["n_seeds"]) else
+                         f"{r['auc_seed_min']:.3f}–{r['auc_seed_max']:.3f} ({r['auc_seed_sd']:.3f}, "
+                         f"{int(r['n_seeds'])} seeds)")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -18,6 +18,7 @@ from ichpro.experiments import (
     row_manifest,
     row_profile,
     run_rows,
+    seed_spread,
     summarize,
     table_rows,
     write_table,
@@ -129,3 +130,42 @@ def test_rows_are_compared_patient_by_patient_whatever_their_order():
 def test_table_command_rejects_an_unknown_table(tmp_path, capsys):
     assert main(["table", "table7", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "unknown table 'table7'" in capsys.readouterr().err
+
+
+def test_seed_spread_trains_each_seed_once_and_reports_its_auc_range(tmp_path):
+    manifest, _ = cohort()
+    calls = []
+
+    def train(profile, manifest, folder, *, seed, resume, quiet, cache_dir):
+        calls.append(seed)
+        rng = np.random.default_rng(seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"patient_id": manifest["patient_id"], "fold": 0,
+                      "p_bad": manifest["label"] * 0.3 + rng.uniform(0, 0.7, len(manifest)),
+                      "label": manifest["label"]}).to_csv(folder / "oof_predictions.csv", index=False)
+
+    rows = [Row("A", seeds=3), Row("B", model={"fusion": "self"})]
+    spread = seed_spread(rows, SMOKE, manifest, tmp_path, seed=5, train=train, quiet=True)
+    assert sorted(calls) == [5, 6, 7] and list(spread["row"]) == ["A"]  # single-seed rows are skipped
+    aucs = [roc_auc_score(manifest["label"], pd.read_csv(row_folder(tmp_path, SMOKE, rows[0], s)
+                                                         / "oof_predictions.csv")["p_bad"]) for s in (5, 6, 7)]
+    assert spread.loc[0, "auc_seed_min"] == pytest.approx(min(aucs))
+    assert spread.loc[0, "auc_seed_max"] == pytest.approx(max(aucs))
+    assert spread.loc[0, "auc_seed_sd"] == pytest.approx(np.std(aucs, ddof=1))
+    seed_spread(rows, SMOKE, manifest, tmp_path, seed=5, train=train, quiet=True)
+    assert len(calls) == 3  # finished seeds are loaded, not retrained
+
+
+def test_a_difference_is_real_only_beyond_both_delong_and_the_seed_spread():
+    labels = np.tile([0, 1], 50)
+    ids = [f"P{i:03d}" for i in range(100)]
+    good = pd.DataFrame({"patient_id": ids, "label": labels, "p_bad": labels * 0.8 + 0.1})
+    bad = good.assign(p_bad=np.random.default_rng(0).uniform(size=100))
+    oof = {"good": good, "bad": bad}
+    spread = pd.DataFrame({"row": ["good", "bad"], "n_seeds": [3, 3]})
+    apart = spread.assign(auc_seed_min=[0.95, 0.45], auc_seed_max=[1.0, 0.55])
+    assert "The difference is real" in compare_rows(oof, "good", "bad", apart)
+    overlapping = spread.assign(auc_seed_min=[0.5, 0.45], auc_seed_max=[1.0, 0.9])
+    said = compare_rows(oof, "good", "bad", overlapping)
+    assert "not established: the seed ranges overlap." in said
+    assert "seeds" not in compare_rows(oof, "good", "bad")
