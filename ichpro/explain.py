@@ -24,6 +24,7 @@ from monai.visualize.visualizer import default_upsampler
 from scipy import ndimage
 from torch import nn
 
+from ichpro.cohort import OUTCOME_MODEL
 from ichpro.config import PreprocessConfig
 from ichpro.data import load_manifest, preprocess_steps, preprocess_transforms
 from ichpro.errors import IchproError
@@ -297,6 +298,33 @@ def counterfactual(run: TrainedRun, ct: str | Path | torch.Tensor, report: str,
         result[f"p_bad_{when}"] = _p_bad(run, batch)
         result[f"attention_{when}"] = patient_maps(run, batch, with_grad_cam=False)
     return result
+
+
+def counterfactual_table(run: TrainedRun, manifest: pd.DataFrame, oof: pd.DataFrame,
+                         patient_ids: Sequence[str], changes: Mapping[str, object],
+                         truth: pd.DataFrame | None = None) -> pd.DataFrame:
+    """P(bad) before and after editing each patient's report, from that patient's own out-of-fold model.
+
+    ``oof`` (a run's ``oof_predictions.csv``) gives each patient's test fold, whose model never saw
+    the patient; ``run.models`` are in fold order. With the cohort's ``truth`` (synthetic data),
+    ``oracle_p_before`` / ``oracle_p_after`` are the generator's exact P(bad) from the patient's true
+    variables, then with ``changes`` applied to them (:data:`ichpro.cohort.OUTCOME_MODEL`).
+    """
+    fold_of = oof.assign(patient_id=oof["patient_id"].astype(str)).set_index("patient_id")["fold"]
+    rows = manifest.assign(patient_id=manifest["patient_id"].astype(str)).set_index("patient_id")
+    records = []
+    for pid in patient_ids:
+        own = replace(run, models=[run.models[int(fold_of[pid])]])
+        result = counterfactual(own, rows.loc[pid, "ct_path"], rows.loc[pid, "report"], changes)
+        records.append({"patient_id": pid, "fold": int(fold_of[pid]), "p_before": result["p_bad_before"],
+                        "p_after": result["p_bad_after"]})
+    table = pd.DataFrame(records)
+    if truth is not None:
+        true = truth.assign(patient_id=truth["patient_id"].astype(str)).set_index("patient_id")
+        true = true.loc[table["patient_id"]]
+        table["oracle_p_before"] = OUTCOME_MODEL.p_bad(true)
+        table["oracle_p_after"] = OUTCOME_MODEL.p_bad(true.assign(**changes))
+    return table
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ EXPECTED_FIGURES = {
     "09": ("table3_losses.csv", "table3_losses.md", "table3_losses.png"),
     "10": ("table4_comparison.csv", "table4_comparison.md", "table4_comparison.png", "table4_systems.png",
            "table4_auxiliary.csv", "table4_volume.png", "table4_grad_cam.png", "table4_roc.png"),
-    "11": ("attention_examples.png", "attention_counterfactual.png", "attention_localisation.png",
+    "11": ("attention_examples.png", "attention_counterfactual.png", "attention_counterfactual.csv",
+           "attention_counterfactual_truth.png", "attention_report_words.png", "attention_localisation.png",
            "attention_localisation.csv", "attention_localisation_summary.csv"),
 }
 
