@@ -77,13 +77,24 @@ def setup_notebook(profile: str = "smoke", data_dir: str = "", output_dir: str =
 def versions() -> pd.DataFrame:
     """Python, platform, git commit and the versions of the packages results depend on."""
     rows = {"python": sys.version.split()[0], "platform": platform.platform(),
-            "git commit": _git_commit()}
+            "cpu": f"{cpu_model()}, {os.cpu_count()} cores", "git commit": _git_commit()}
     for name in PROVENANCE_PACKAGES:
         try:
             rows[name] = version(name)
         except PackageNotFoundError:
             rows[name] = "not installed"
     return pd.DataFrame({"version": rows})
+
+
+def cpu_model() -> str:
+    """The processor's model name (CPU kernels round differently across processors)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _git_commit() -> str:

@@ -1,0 +1,91 @@
+"""What reading the report costs: a frozen-encoder training step of ICHPro with each choice that
+makes it read the report, against the earlier configuration, same batch (reported, no target).
+
+    .venv/bin/python bench/fusion_cost.py [--profile cpu] [--batch B] [--repeats 5] [--threads N] [--quick]
+
+The step is what a fold trains on cached encoder outputs (the ``cpu`` profile's setting): the
+fusion, header and loss heads, full VTMF loss, backward and the Adam update, on random features of
+the encoders' shapes (a report of ``--tokens`` tokens). Variants, each changing one thing from the
+profile as configured:
+
+* ``positional TRT``: the token-position map instead of the grid-cell queries;
+* ``SoftPool 2 in CMAF``: the default SoftPool kernel instead of the profile's ``cmaf_pool``;
+* ``earlier cpu``: both, which is the configuration before this change.
+
+``text_layers`` does not change the step (the states are cached); it shortens the one-off
+encoding instead. Epochs per fold and the batch size are in the profile, and their cost is in the
+rows' training times (``timing.json``, Table 4's s / fold).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import common
+import torch
+
+from ichpro.losses import CompositeLoss
+from ichpro.models import build_model
+from ichpro.train import _loss_inputs
+
+
+def make_step(profile, hidden: int, batch: int, tokens: int):
+    """One training step of the profile's model on cached-output shapes, as a function."""
+    from transformers import BertConfig, BertModel
+
+    cfg = profile.model
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=1,
+                                num_attention_heads=max(1, hidden // 64), intermediate_size=hidden))
+    model = build_model(replace(cfg, text_layers=None), bert, profile.loss)
+    loss = CompositeLoss.from_config(profile.loss)
+    params = [p for p in [*model.parameters(), *loss.parameters()] if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=profile.train.lr)
+    with torch.no_grad():
+        grid = model.vision(torch.zeros(1, 1, *profile.preprocess.spatial_size)).shape[1:]
+    labels = torch.full((batch, tokens), -100)
+    labels[:, 1:1 + max(1, tokens // 7)] = 1000
+    data = {"attention_mask": torch.ones(batch, tokens, dtype=torch.long),
+            "vision_features": torch.randn(batch, *grid), "text_states": torch.randn(batch, tokens, hidden),
+            "masked_text_states": torch.randn(batch, tokens, hidden), "mlm_labels": labels,
+            "labels": torch.arange(batch) % 2}
+
+    def step() -> None:
+        out = model(**data)
+        total, _ = loss(**_loss_inputs(out, data))
+        total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = common.make_parser(__doc__)
+    parser.add_argument("--profile", default="cpu", choices=["smoke", "cpu"])
+    parser.add_argument("--batch", type=int, help="batch size (default: the profile's)")
+    parser.add_argument("--tokens", type=int, default=48, help="report length (the cpu cohort's mean)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = common.parse(parser, argv, quick={"batch": 4, "repeats": 1})
+    profile = common.bench_profile(args.profile)
+    batch = args.batch or profile.train.batch_size
+    hidden = 384 if profile.model.text_encoder == "minilm" else 64
+    variants = {
+        "as configured": profile.model,
+        "positional TRT": replace(profile.model, trt="positional"),
+        "SoftPool 2 in CMAF": replace(profile.model, cmaf_pool=None),
+        "earlier cpu (positional TRT, SoftPool 2)": replace(profile.model, trt="positional", cmaf_pool=None),
+    }
+    steps = {name: make_step(replace(profile, model=cfg), hidden, batch, args.tokens)
+             for name, cfg in variants.items()}
+    seconds = common.interleaved(steps, args.repeats, warmup=1)
+    base = seconds["as configured"]
+    rows = [[name, s, s / base] for name, s in seconds.items()]
+    common.print_table(f"Frozen-encoder training step, {args.profile} profile, batch {batch}, "
+                       f"{args.tokens} tokens", ["variant", "step (s)", "step / as configured"], rows,
+                       ["Random features of the cached encoder outputs' shapes; full VTMF loss, backward "
+                        "and Adam; medians of alternating repeats."])
+
+
+if __name__ == "__main__":
+    main()
