@@ -229,15 +229,6 @@ def soft_dice(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return 2 * overlap / (predicted.sum(dim=dims) + target.sum(dim=dims)).clamp_min(1e-6)
 
 
-def grid_dice_ceiling(blood: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-    """Soft Dice, against the true shares (B, D, H, W), of the true blood share of each cell of a
-    ``grid`` up-sampled trilinearly to the input, as the pretraining head up-samples its logits: what
-    a perfect cell-level answer scores on the held-out measure. (Sharp logits can score above it.)"""
-    cells = F.adaptive_avg_pool3d(blood[:, None].float(), grid)
-    smooth = F.interpolate(cells, size=blood.shape[1:], mode="trilinear", align_corners=False)[:, 0]
-    return soft_dice(smooth, blood.float())
-
-
 def card_markdown(card: dict) -> str:
     """A human-readable card of a pretrained encoder."""
     cfg, result = card["pretrain"], card["held_out"]

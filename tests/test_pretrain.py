@@ -12,7 +12,6 @@ from ichpro.errors import IchproError
 from ichpro.models.encoders import VisionEncoder
 from ichpro.pretrain import (
     PretrainNet,
-    grid_dice_ceiling,
     pretrain_loss,
     pretrain_vision,
     pretrained_path,
@@ -101,13 +100,3 @@ def test_the_kept_encoder_is_the_best_held_out_epoch(small_cohort, tmp_path):
     assert all(torch.equal(kept[k], best[k]) for k in kept)
     assert f"kept: epoch {card['best_epoch']}" in (tmp_path / "card.md").read_text()
 
-
-def test_grid_dice_reference_is_one_on_a_cell_aligned_block_and_lower_on_a_small_blob():
-    blood = torch.zeros(1, 8, 8, 8)
-    blood[0, :4, :4, :4] = 1  # exactly one cell of a 2x2x2 grid
-    aligned = grid_dice_ceiling(blood, (2, 2, 2))
-    assert 0.6 < aligned.item() < 1  # trilinear up-sampling blurs the cell's edges
-    assert grid_dice_ceiling(blood, (8, 8, 8)).item() == pytest.approx(1.0)
-    small = torch.zeros(1, 8, 8, 8)
-    small[0, 1:3, 1:3, 1:3] = 1
-    assert grid_dice_ceiling(small, (2, 2, 2)).item() < aligned.item()
