@@ -59,6 +59,9 @@ class ModelConfig:
     comparator_input: tuple[int, int, int] | None = None  # CT size comparators train on (None: the profile's)
 
 
+MLM_VOCABULARIES = ("full", "reports")
+
+
 @dataclass(frozen=True)
 class LossConfig:
     """Named loss terms and their weights, plus the terms' hyper-parameters."""
@@ -67,6 +70,12 @@ class LossConfig:
     temperature: float = 0.07  # tau of IMIMA and SDM
     mlm_probability: float = 0.15
     mlm_variants: int = 4  # masked copies of each report encoded once when the text encoder is frozen
+    mlm_vocabulary: str = "full"  # MLM softmax over: full (the encoder's vocabulary) | reports (their words)
+
+    def __post_init__(self):
+        if self.mlm_vocabulary not in MLM_VOCABULARIES:
+            raise IchproError(f"unknown mlm_vocabulary {self.mlm_vocabulary!r}; choose one of "
+                              f"{', '.join(MLM_VOCABULARIES)}")
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,7 @@ PROFILES: dict[str, Profile] = {
                           text_encoder="tiny", dim=32, grid=(2, 4, 4), heads=4,
                           header_blocks=(2, 2, 2, 2), header_growth=8, freeze_vision=True,
                           freeze_text=True, comparator_input=(16, 32, 32)),
+        loss=LossConfig(mlm_vocabulary="reports"),
         train=TrainConfig(epochs=4, batch_size=8, lr=1e-4, lr_schedule="cosine"),
         pretrain=PretrainConfig(n_patients=48, epochs=4),
     ),
@@ -134,6 +144,7 @@ PROFILES: dict[str, Profile] = {
                           text_encoder="minilm", text_layers=5, dim=64, grid=(2, 4, 4),
                           cmaf_pool=(1, 1, 1), heads=8, header_blocks=(2, 4, 8, 4), header_growth=16,
                           freeze_vision=True, freeze_text=True, comparator_input=(16, 32, 32)),
+        loss=LossConfig(mlm_vocabulary="reports"),
         train=TrainConfig(epochs=12, batch_size=16, lr=1e-3, patience=4, lr_schedule="cosine"),
         pretrain=PretrainConfig(n_patients=200, epochs=8),
     ),

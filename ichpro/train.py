@@ -155,6 +155,11 @@ class BatchSource:
         self.masked: dict[str, torch.Tensor] = {}  # masked_text_states, mlm_labels: (variants, N, ...)
         self.cache_hits: dict[str, bool] = {}
 
+    def report_token_ids(self, idx: Iterable[int]) -> torch.Tensor:
+        """The distinct token ids of the reports of patients ``idx`` (padding excluded)."""
+        idx = list(idx)
+        return torch.unique(self.tokens["input_ids"][idx][self.tokens["attention_mask"][idx].bool()])
+
     def cts(self, idx: Iterable[int]) -> torch.Tensor:
         """The preprocessed CTs (B, 1, D, H, W) of the patients ``idx``, from the dataset (and its cache)."""
         return torch.stack([self.dataset[i]["ct"] for i in idx])
@@ -418,6 +423,8 @@ class FoldTrainer:
         self.tokenizer = text.tokenizer
         self.model = fresh_model(profile, text, seed).to(device)
         self.comparator = isinstance(self.model, Comparator)
+        if not self.comparator and self.model.mlm is not None and profile.loss.mlm_vocabulary == "reports":
+            self.model.mlm.restrict_vocabulary(source.report_token_ids(fold.train))
         # a comparator computes its own loss: the loss module is then empty
         self.loss = nn.Module() if self.comparator else CompositeLoss.from_config(profile.loss).to(device)
         params = [p for p in [*self.model.parameters(), *self.loss.parameters()] if p.requires_grad]

@@ -10,7 +10,7 @@ from transformers import BertConfig, BertModel
 
 from ichpro.config import FUSION_STRUCTURES, LossConfig, get_profile
 from ichpro.errors import IchproError
-from ichpro.losses import CompositeLoss
+from ichpro.losses import CompositeLoss, mlm_loss
 from ichpro.models import build_model
 from ichpro.models.encoders import TextEncoder, VisionEncoder
 from ichpro.models.fusion import CMAF, TRT, FusionStack, SoftPool3d
@@ -307,3 +307,28 @@ def test_cmaf_pool_sets_the_grid_cmaf_attends_over():
     cpu = get_profile("cpu").model
     stack = FusionStack(cpu.fusion, cpu.dim, cpu.heads, cpu.grid, cmaf_pool=cpu.cmaf_pool)
     assert math.prod(stack.map_grids["stage1_cmaf_text_to_vision"]) >= 32  # a grid to point with
+
+
+def test_mlm_over_the_reports_words_is_the_full_softmax_renormalised_on_them(tiny):
+    model, batch = smoke_model(tiny).eval(), make_batch(tiny)
+    out_full = model(**batch)
+    vocabulary = torch.unique(batch["input_ids"])
+    model.mlm.restrict_vocabulary(vocabulary)
+    out = model(**batch)
+    assert out.mlm_logits.shape == (len(out_full.mlm_labels), len(vocabulary))
+    # the targets index the same tokens, and the logits are the full ones at those columns
+    assert torch.equal(vocabulary[out.mlm_labels], out_full.mlm_labels)
+    torch.testing.assert_close(out.mlm_logits, out_full.mlm_logits[:, vocabulary])
+    expected = -(out_full.mlm_logits[:, vocabulary].log_softmax(-1)
+                 .gather(1, out.mlm_labels[:, None])).mean()
+    torch.testing.assert_close(mlm_loss(out.mlm_logits, out.mlm_labels), expected)
+    model.mlm.restrict_vocabulary(vocabulary[vocabulary != out_full.mlm_labels[0]])
+    with pytest.raises(IchproError, match="not in the MLM head's restricted vocabulary"):
+        model(**batch)
+    model.mlm.restrict_vocabulary(None)
+    torch.testing.assert_close(model(**batch).mlm_logits, out_full.mlm_logits)
+
+
+def test_unknown_mlm_vocabulary_is_rejected():
+    with pytest.raises(IchproError, match="unknown mlm_vocabulary 'words'; choose one of full, reports"):
+        LossConfig(mlm_vocabulary="words")

@@ -6,7 +6,9 @@ import torch
 from monai.networks.nets import DenseNet
 from torch import nn
 
+from ichpro.errors import IchproError
 from ichpro.models.fusion import multi_head_attention
+from ichpro.text import IGNORE_INDEX
 
 
 class SequenceHeader(nn.Module):
@@ -37,6 +39,12 @@ class MLMHead(nn.Module):
     with residual and LayerNorm), then a BERT-style transform predicts the masked tokens through the
     text encoder's vocabulary (decoder tied to its word embeddings). Only the masked positions are
     decoded: the vocabulary projection is the head's largest cost (30k words at every position).
+
+    :meth:`restrict_vocabulary` makes the softmax run over a given set of token ids (the words of
+    the training reports, ``LossConfig.mlm_vocabulary="reports"``) instead of the whole vocabulary:
+    a word no report contains is never a target, and a report corpus uses a few hundred to a few
+    thousand of BERT's 30,522 words, so the decoder costs that much less. The parameters keep the
+    full vocabulary's shape; the restriction is a training-time setting, not saved with the weights.
     """
 
     def __init__(self, hidden: int, dim: int, heads: int, word_embeddings: nn.Embedding):
@@ -48,12 +56,27 @@ class MLMHead(nn.Module):
         self.transform = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.LayerNorm(hidden))
         self.word_embeddings = word_embeddings
         self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
+        self.register_buffer("vocabulary", None, persistent=False)
+
+    def restrict_vocabulary(self, token_ids: torch.Tensor | None) -> None:
+        """Decode over these token ids only (None: the whole vocabulary again)."""
+        self.vocabulary = None if token_ids is None else torch.unique(token_ids.to(self.bias.device))
 
     def forward(self, masked_states: torch.Tensor, vision_tokens: torch.Tensor,
-                positions: torch.Tensor) -> torch.Tensor:
-        """Vocabulary logits (N, V) of the N positions where the boolean ``positions`` (B, L) is set."""
+                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, V) at the N masked positions (``labels`` (B, L) not ``IGNORE_INDEX``) and their
+        targets (N,), as indices into the decoded vocabulary (the restricted one, if set)."""
+        positions = labels != IGNORE_INDEX
         x = self.to_dim(masked_states)
         k, v = self.kv(vision_tokens).chunk(2, dim=-1)
         attended, _ = multi_head_attention(self.q(x), k, v, self.heads)
         h = self.transform(self.norm(x + attended)[positions])
-        return h @ self.word_embeddings.weight.T + self.bias
+        targets = labels[positions]
+        if self.vocabulary is None:
+            return h @ self.word_embeddings.weight.T + self.bias, targets
+        index = torch.searchsorted(self.vocabulary, targets).clamp(max=len(self.vocabulary) - 1)
+        if not torch.equal(self.vocabulary[index], targets):
+            raise IchproError("a masked token is not in the MLM head's restricted vocabulary: restrict it "
+                              "to the token ids of the reports the model trains on")
+        weight = self.word_embeddings.weight[self.vocabulary]
+        return h @ weight.T + self.bias[self.vocabulary], index

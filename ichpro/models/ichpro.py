@@ -15,7 +15,6 @@ from ichpro.errors import IchproError
 from ichpro.models.encoders import TextEncoder, VisionEncoder, freeze
 from ichpro.models.fusion import TRT, VRT, FusionStack, Grid, tokens
 from ichpro.models.heads import MLMHead, SequenceHeader
-from ichpro.text import IGNORE_INDEX
 
 #: loss terms that need the pooled vision and text embeddings
 ALIGNMENT_TERMS = {"imima", "sdm", "cmpm", "cmfa"}
@@ -32,7 +31,7 @@ class ICHProOutput:
     text_embedding: torch.Tensor | None = None  # (B, C)
     attention_grids: dict[str, Grid] = field(default_factory=dict)  # name -> grid of the keys
     mlm_logits: torch.Tensor | None = None  # (N, vocabulary) at the N masked positions
-    mlm_labels: torch.Tensor | None = None  # (N,) the original tokens there
+    mlm_labels: torch.Tensor | None = None  # (N,) their targets: the original tokens' vocabulary indices
     vision_logits: torch.Tensor | None = None  # unimodal heads (gradient-blending loss)
     text_logits: torch.Tensor | None = None
     token_attention: torch.Tensor | None = None  # TRT's (B, heads, |G|, L): which tokens each cell reads
@@ -128,9 +127,7 @@ class ICHPro(nn.Module):
         if masked_text_states is None and mlm_input_ids is not None:
             masked_text_states = self.text(mlm_input_ids, attention_mask)
         if self.mlm is not None and masked_text_states is not None and mlm_labels is not None:
-            positions = mlm_labels != IGNORE_INDEX
-            out.mlm_logits = self.mlm(masked_text_states, tokens(v_grid), positions)
-            out.mlm_labels = mlm_labels[positions]
+            out.mlm_logits, out.mlm_labels = self.mlm(masked_text_states, tokens(v_grid), mlm_labels)
         if self.unimodal is not None:
             out.vision_logits = self.unimodal["vision"](out.vision_embedding)
             out.text_logits = self.unimodal["text"](out.text_embedding)
