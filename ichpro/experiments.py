@@ -13,14 +13,18 @@ the ceiling: the AUC of the synthetic cohort's oracle for the row's inputs (``tr
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy.stats import spearmanr
 from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, mean_absolute_error, r2_score
 
@@ -30,7 +34,9 @@ from ichpro.errors import IchproError
 from ichpro.losses import parse_loss_spec
 from ichpro.metrics import classification_metrics, delong_test, metrics_table
 from ichpro.paper import reported_tables
+from ichpro.pretrain import ensure_pretrained
 from ichpro.reports import drop_field
+from ichpro.train import cross_validate, resolve_device
 
 TABLE_METRICS = ("accuracy", "recall", "precision", "f1", "auc")
 #: the oracle probability column of truth.csv that bounds a row, by the inputs the row sees
@@ -147,32 +153,77 @@ def row_folder(out: Path, profile: Profile, row: Row, seed: int) -> Path:
     return Path(out) / "runs" / f"{name}-{key[:10]}"
 
 
-def run_rows(rows: list[Row], profile: Profile, manifest: pd.DataFrame, out: str | Path, *, seed: int = 0,
-             resume: bool = False, quiet: bool = False, cache_dir: Path | None = None,
-             train: Callable | None = None) -> dict[str, pd.DataFrame]:
-    """Cross-validate every row not finished yet; returns each row's out-of-fold predictions.
+def train_rows(jobs: list[tuple[Row, int]], profile: Profile, manifest: pd.DataFrame, out: str | Path, *,
+               resume: bool = False, quiet: bool = False, cache_dir: Path | None = None,
+               train: Callable | None = None, workers: int = 1) -> None:
+    """Cross-validate every ``(row, seed)`` job whose run is not finished yet.
 
-    A finished row is loaded, not retrained; an interrupted row continues with ``resume``. A line per
-    row is printed unless ``quiet``; the fold and epoch progress bars only on a terminal.
-    ``train`` (default :func:`ichpro.train.cross_validate`) is the function that fits one row.
+    A finished run is left alone; an interrupted one continues with ``resume``. ``workers`` > 1
+    trains that many runs at once, each in its own process with ``cores // workers`` threads (on a
+    CPU, small training steps use two threads poorly; ``bench/row_workers.py`` measures the gain).
+    A line per finished run is printed unless ``quiet``; the fold and epoch progress bars only on a
+    terminal and with one worker. ``train`` (default :func:`ichpro.train.cross_validate`) fits one
+    run; with several workers it must be a module-level function.
     """
-    from ichpro.train import cross_validate
-
-    train = cross_validate if train is None else train
-    predictions = {}
-    for i, row in enumerate(rows, 1):
-        folder = row_folder(out, profile, row, seed)
-        done = folder / "oof_predictions.csv"
-        if not done.is_file():
+    todo = [(row, s) for row, s in jobs if not _oof_path(out, profile, row, s).is_file()]
+    options = {"profile": profile, "manifest": manifest, "out": out, "resume": resume, "cache_dir": cache_dir,
+               "train": train}
+    if workers <= 1 or len(todo) <= 1:
+        for i, (row, s) in enumerate(todo, 1):
             if not quiet:
-                print(f"[{i}/{len(rows)}] {row.name}: training in {folder}", flush=True)
-            start = time.perf_counter()
-            train(row_profile(profile, row), row_manifest(manifest, row), folder, seed=seed,
-                  resume=resume or folder.is_dir(), quiet=quiet or not sys.stderr.isatty(),
-                  cache_dir=cache_dir)
-            (folder / "timing.json").write_text(json.dumps({"seconds": time.perf_counter() - start}) + "\n")
-        predictions[row.name] = pd.read_csv(done)
-    return predictions
+                print(f"[{i}/{len(todo)}] {row.name}{_seed_label(row, s)}: training in "
+                      f"{row_folder(out, profile, row, s)}", flush=True)
+            _train_row(row, s, quiet=quiet or not sys.stderr.isatty(), **options)
+        return
+    for row, _ in todo:  # once, before the workers start: they would each pretrain it
+        ensure_pretrained(row_profile(profile, row), quiet)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        futures = {pool.submit(_train_row, row, s, quiet=True, **options): (row, s) for row, s in todo}
+        if not quiet:
+            print(f"training {len(todo)} runs, {min(workers, len(todo))} at once ({threads} thread(s) each)",
+                  flush=True)
+        for i, future in enumerate(as_completed(futures), 1):
+            seconds = future.result()
+            row, s = futures[future]
+            if not quiet:
+                print(f"[{i}/{len(todo)}] {row.name}{_seed_label(row, s)}: done in {seconds:.0f} s",
+                      flush=True)
+
+
+def default_workers(profile: Profile) -> int:
+    """Runs to train at once by default: one per core (at most 4) on a CPU, one on a GPU."""
+    return min(4, os.cpu_count() or 1) if resolve_device(profile.train.device).type == "cpu" else 1
+
+
+def _oof_path(out: str | Path, profile: Profile, row: Row, seed: int) -> Path:
+    return row_folder(out, profile, row, seed) / "oof_predictions.csv"
+
+
+def _seed_label(row: Row, seed: int) -> str:
+    return f" (seed {seed})" if row.seeds > 1 else ""
+
+
+def _train_row(row: Row, seed: int, *, profile: Profile, manifest: pd.DataFrame, out: str | Path,
+               resume: bool, quiet: bool, cache_dir: Path | None, train: Callable | None) -> float:
+    """Cross-validate one row with one seed into its folder; returns (and records) the seconds taken."""
+    train = cross_validate if train is None else train
+    folder = row_folder(out, profile, row, seed)
+    start = time.perf_counter()
+    train(row_profile(profile, row), row_manifest(manifest, row), folder, seed=seed,
+          resume=resume or folder.is_dir(), quiet=quiet, cache_dir=cache_dir)
+    seconds = time.perf_counter() - start
+    (folder / "timing.json").write_text(json.dumps({"seconds": seconds}) + "\n")
+    return seconds
+
+
+def run_rows(rows: list[Row], profile: Profile, manifest: pd.DataFrame, out: str | Path, *, seed: int = 0,
+             **run_options) -> dict[str, pd.DataFrame]:
+    """Each row's out-of-fold predictions with ``seed``, trained first where not finished
+    (:func:`train_rows` and its options)."""
+    train_rows([(row, seed) for row in rows], profile, manifest, out, **run_options)
+    return {row.name: pd.read_csv(_oof_path(out, profile, row, seed)) for row in rows}
 
 
 def summarize(rows: list[Row], predictions: dict[str, pd.DataFrame], paper_table: str | None,
@@ -226,8 +277,9 @@ def compare_rows(predictions: dict[str, pd.DataFrame], a: str, b: str, table: pd
              f"{low[b]:.3f}-{high[b]:.3f}: the ranges {'do not overlap' if apart else 'overlap'}.")
     missing = ([] if p < 0.05 else [f"DeLong p = {p:.2g} is not below 0.05"]) + ([] if apart else
                                                                                ["the seed ranges overlap"])
-    return said + (" The difference is real: it beats both the DeLong test and the seed spread." if not missing
-                   else f" The difference is not established: {' and '.join(missing)}.")
+    if not missing:
+        return said + " The difference is real: it beats both the DeLong test and the seed spread."
+    return said + f" The difference is not established: {' and '.join(missing)}."
 
 
 def _paper_rows(paper_table: str | None) -> dict[str, dict[str, float]]:
@@ -284,11 +336,14 @@ def seed_spread(rows: list[Row], profile: Profile, manifest: pd.DataFrame, out: 
 
 def run_table(name: str, profile: Profile, manifest: pd.DataFrame, out: str | Path, *,
               truth: pd.DataFrame | None = None, seed: int = 0, resume: bool = False, quiet: bool = False,
-              cache_dir: Path | None = None, n_boot: int = 1000) -> pd.DataFrame:
-    """Run (or load) every row of a named table and return its summary (with :func:`row_costs` for
-    the :data:`COSTED_TABLES`, and :func:`seed_spread` where rows have several seeds)."""
+              cache_dir: Path | None = None, n_boot: int = 1000, workers: int = 1) -> pd.DataFrame:
+    """Run (or load) every row of a named table, each of its seeds, and return its summary (with
+    :func:`row_costs` for the :data:`COSTED_TABLES`, and :func:`seed_spread` where rows have several
+    seeds). ``workers`` runs train at once (:func:`train_rows`)."""
     rows = table_rows(name)
     options = {"resume": resume, "quiet": quiet, "cache_dir": cache_dir}
+    train_rows([(row, s) for row in rows for s in range(seed, seed + row.seeds)], profile, manifest, out,
+               workers=workers, **options)
     predictions = run_rows(rows, profile, manifest, out, seed=seed, **options)
     table = summarize(rows, predictions, TABLES[name][0], truth, n_boot=n_boot, seed=seed)
     if name in COSTED_TABLES:

@@ -1,5 +1,8 @@
 """Results tables: rows, shared and resumed runs, the summary's columns and numbers."""
 
+import os
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -21,6 +24,7 @@ from ichpro.experiments import (
     seed_spread,
     summarize,
     table_rows,
+    train_rows,
     write_table,
 )
 
@@ -148,8 +152,8 @@ def test_seed_spread_trains_each_seed_once_and_reports_its_auc_range(tmp_path):
     rows = [Row("A", seeds=3), Row("B", model={"fusion": "self"})]
     spread = seed_spread(rows, SMOKE, manifest, tmp_path, seed=5, train=train, quiet=True)
     assert sorted(calls) == [5, 6, 7] and list(spread["row"]) == ["A"]  # single-seed rows are skipped
-    aucs = [roc_auc_score(manifest["label"], pd.read_csv(row_folder(tmp_path, SMOKE, rows[0], s)
-                                                         / "oof_predictions.csv")["p_bad"]) for s in (5, 6, 7)]
+    oofs = [pd.read_csv(row_folder(tmp_path, SMOKE, rows[0], s) / "oof_predictions.csv") for s in (5, 6, 7)]
+    aucs = [roc_auc_score(manifest["label"], oof["p_bad"]) for oof in oofs]
     assert spread.loc[0, "auc_seed_min"] == pytest.approx(min(aucs))
     assert spread.loc[0, "auc_seed_max"] == pytest.approx(max(aucs))
     assert spread.loc[0, "auc_seed_sd"] == pytest.approx(np.std(aucs, ddof=1))
@@ -170,3 +174,35 @@ def test_a_difference_is_real_only_beyond_both_delong_and_the_seed_spread():
     said = compare_rows(oof, "good", "bad", overlapping)
     assert "not established: the seed ranges overlap." in said
     assert "seeds" not in compare_rows(oof, "good", "bad")
+
+
+def seeded_train(profile, manifest, folder, *, seed, resume, quiet, cache_dir):
+    """A stand-in for cross_validate that worker processes can import: predictions drawn from the
+    seed; it records the process it ran in."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "pid").write_text(str(os.getpid()))
+    pd.DataFrame({"patient_id": manifest["patient_id"], "fold": 0,
+                  "p_bad": manifest["label"] * 0.3 + rng.uniform(0, 0.7, len(manifest)),
+                  "label": manifest["label"]}).to_csv(folder / "oof_predictions.csv", index=False)
+
+
+def test_workers_train_each_run_in_a_process_of_its_own_with_the_serial_results(tmp_path):
+    manifest, _ = cohort()
+    profile = replace(SMOKE, pretrain=None)
+    jobs = [(Row("A", seeds=2), 0), (Row("A", seeds=2), 1), (Row("B", model={"fusion": "self"}), 0)]
+    train_rows(jobs, profile, manifest, tmp_path / "parallel", train=seeded_train, workers=2, quiet=True)
+    train_rows(jobs, profile, manifest, tmp_path / "serial", train=seeded_train, quiet=True)
+    pids = {}
+    for kind in ("parallel", "serial"):
+        folders = [row_folder(tmp_path / kind, profile, row, s) for row, s in jobs]
+        assert all((f / "timing.json").is_file() for f in folders)
+        pids[kind] = {(f / "pid").read_text() for f in folders}
+    assert pids["serial"] == {str(os.getpid())} and str(os.getpid()) not in pids["parallel"]
+    for row, s in jobs:
+        pd.testing.assert_frame_equal(
+            pd.read_csv(row_folder(tmp_path / "parallel", profile, row, s) / "oof_predictions.csv"),
+            pd.read_csv(row_folder(tmp_path / "serial", profile, row, s) / "oof_predictions.csv"))
+    (row_folder(tmp_path / "parallel", profile, *jobs[0]) / "pid").unlink()
+    train_rows(jobs, profile, manifest, tmp_path / "parallel", train=seeded_train, workers=2, quiet=True)
+    assert not (row_folder(tmp_path / "parallel", profile, *jobs[0]) / "pid").exists()  # finished: not rerun
