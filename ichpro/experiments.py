@@ -75,23 +75,23 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
     ]),
     "table2_fusion": ("2_fusion", [
         Row("Self", "Self Attention", model={"fusion": "self"}),
-        Row("Cross", "Cross Attention", model={"fusion": "cross"}),
+        Row("Cross", "Cross Attention", model={"fusion": "cross"}, seeds=3),
         Row("Self-Self", "Self-Self Attention", model={"fusion": "self-self"}),
         Row("Cross-Cross", "Cross-Cross Attention", model={"fusion": "cross-cross"}),
         Row("Self-Cross", "Self-Cross Attention", model={"fusion": "self-cross"}),
-        Row("Cross-Self (ICHPro)", "Cross-Self Attention (ICHPro)", reference=True),
+        Row("Cross-Self (ICHPro)", "Cross-Self Attention (ICHPro)", reference=True, seeds=3),
     ]),
     "table3_losses": ("3_losses", [
-        Row("CE only", None, loss="ce"),
-        Row("CE + blend", "L_blend", loss="ce,blend"),
+        Row("CE only", None, loss="ce", seeds=3),
+        Row("CE + blend", "L_blend", loss="ce,blend", seeds=3),
         Row("CE + CMPM", "L_cmpm", loss="ce,cmpm"),
-        Row("CE + CMFA", "L_CMFA", loss="ce,cmfa"),
+        Row("CE + CMFA", "L_CMFA", loss="ce,cmfa", seeds=3),
         Row("CE + IMIMA", "L_IMIMA", loss="ce,imima"),
         Row("CE + SDM", "L_SDM", loss="ce,sdm"),
         Row("CE + MLM", "L_MLM", loss="ce,mlm"),
         Row("CE + IMIMA + SDM", "L_IMIMA + alpha L_SDM", loss="ce,imima,sdm"),
         Row("CE + IMIMA + MLM", "L_IMIMA + beta L_MLM", loss="ce,imima,mlm"),
-        Row("VTMF (ICHPro)", "L_VTMF (ICHPro)", loss="vtmf", reference=True),
+        Row("VTMF (ICHPro)", "L_VTMF (ICHPro)", loss="vtmf", reference=True, seeds=3),
     ]),
     "table4_comparison": ("4_comparison", [
         *(Row(name, paper, inputs, {"comparator": comparator}, "ce", train=FROM_SCRATCH)
@@ -272,7 +272,7 @@ def compare_rows(predictions: dict[str, pd.DataFrame], a: str, b: str, table: pd
     if t is None or t.loc[[a, b], "n_seeds"].isna().any():
         return said
     low, high = t.loc[[a, b], "auc_seed_min"], t.loc[[a, b], "auc_seed_max"]
-    apart = low.max() > high.min()
+    apart = _seed_ranges_apart(t, a, b)
     said += (f" Over {int(t.at[a, 'n_seeds'])} training seeds {a} ranges {low[a]:.3f}-{high[a]:.3f} and {b} "
              f"{low[b]:.3f}-{high[b]:.3f}: the ranges {'do not overlap' if apart else 'overlap'}.")
     missing = ([] if p < 0.05 else [f"DeLong p = {p:.2g} is not below 0.05"]) + ([] if apart else
@@ -453,6 +453,8 @@ def describe_table(table: pd.DataFrame, reference: str) -> list[str]:
                 "paper has: " + ("undefined (tied AUCs)." if np.isnan(rho) else f"rho = {rho:+.2f}"
                                  + (f" (with {len(paper)} rows rho can take only a few values)."
                                     if len(paper) < 5 else ".")))
+    if "n_seeds" in t and pd.notna(t.at[reference, "n_seeds"]):
+        said.append(_seed_sentence(t, reference, p))
     gap = t["ceiling_auc"] - t["auc"]
     said.append("Gap to the oracle ceiling (ceiling AUC - our AUC): "
                 + "; ".join(f"{r} {g:+.3f}" for r, g in gap.items())
@@ -461,6 +463,27 @@ def describe_table(table: pd.DataFrame, reference: str) -> list[str]:
         said.append(f"{'; '.join(gap.index[gap < 0])} score above the ceiling: the oracle is best only on "
                     "average, so on a small cohort a model can beat it by chance.")
     return said
+
+
+def _seed_sentence(t: pd.DataFrame, reference: str, p: pd.Series) -> str:
+    """The seed ranges of the rows trained with several seeds, and which differ from the reference
+    beyond both DeLong p < 0.05 and the seed spread."""
+    seeded = [r for r in t.index[t["n_seeds"].notna()] if r != reference]
+    real = [r for r in seeded if p.get(r, 1.0) < 0.05 and _seed_ranges_apart(t, r, reference)]
+    ranges = "; ".join(f"{r} {t.at[r, 'auc_seed_min']:.3f}-{t.at[r, 'auc_seed_max']:.3f}"
+                       for r in [reference, *seeded])
+    beyond = "beyond both DeLong p < 0.05 and the seed spread"
+    verdict = (f"differences from {reference} {beyond}: {', '.join(real)}" if real
+               else f"no difference from {reference} is {beyond}")
+    return (f"Over {int(t.at[reference, 'n_seeds'])} training seeds (each with its own folds and "
+            f"initialisation) the AUC ranges {ranges}; {verdict}. Rows trained with one seed are not "
+            "checked against the spread.")
+
+
+def _seed_ranges_apart(t: pd.DataFrame, a: str, b: str) -> bool:
+    """Whether rows ``a`` and ``b`` (index of ``t``) have AUC ranges over seeds that do not overlap."""
+    return bool(max(t.at[a, "auc_seed_min"], t.at[b, "auc_seed_min"])
+                > min(t.at[a, "auc_seed_max"], t.at[b, "auc_seed_max"]))
 
 
 def write_table(table: pd.DataFrame, path_stem: str | Path, title: str) -> list[Path]:

@@ -16,6 +16,7 @@ from ichpro.experiments import (
     TABLES,
     Row,
     compare_rows,
+    describe_table,
     paired_auc,
     row_folder,
     row_manifest,
@@ -206,3 +207,18 @@ def test_workers_train_each_run_in_a_process_of_its_own_with_the_serial_results(
     (row_folder(tmp_path / "parallel", profile, *jobs[0]) / "pid").unlink()
     train_rows(jobs, profile, manifest, tmp_path / "parallel", train=seeded_train, workers=2, quiet=True)
     assert not (row_folder(tmp_path / "parallel", profile, *jobs[0]) / "pid").exists()  # finished: not rerun
+
+
+def test_table_readings_call_a_difference_real_only_beyond_delong_and_the_seed_spread():
+    nan = np.nan
+    table = pd.DataFrame({
+        "row": ["A", "B", "C", "Ref"], "paper_auc": [0.8, 0.7, nan, 0.9], "auc": [0.85, 0.80, 0.70, 0.75],
+        "auc_ci_low": [0.8, 0.75, 0.65, 0.7], "auc_ci_high": [0.9, 0.85, 0.75, 0.8],
+        "delong_p": [0.01, 0.01, 0.001, nan], "ceiling_auc": 0.9, "n_seeds": [3, 3, nan, 3],
+        "auc_seed_min": [0.82, 0.74, nan, 0.73], "auc_seed_max": [0.86, 0.81, nan, 0.77]})
+    said = next(s for s in describe_table(table, "Ref") if s.startswith("Over 3 training seeds"))
+    assert "the AUC ranges Ref 0.730-0.770; A 0.820-0.860; B 0.740-0.810;" in said
+    # B has p < 0.05 but its seed range overlaps the reference's; C has a single seed
+    assert "differences from Ref beyond both DeLong p < 0.05 and the seed spread: A." in said
+    without_seeds = table.drop(columns=["n_seeds", "auc_seed_min", "auc_seed_max"])
+    assert not any(s.startswith("Over") for s in describe_table(without_seeds, "Ref"))
