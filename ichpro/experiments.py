@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from scipy.special import expit, logit
 from scipy.stats import spearmanr
 from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, mean_absolute_error, r2_score
 
@@ -248,6 +249,15 @@ def summarize(rows: list[Row], predictions: dict[str, pd.DataFrame], paper_table
         line["ceiling_auc"] = _ceiling(truth, oof, row.inputs)
         lines.append(line)
     return pd.DataFrame(lines)
+
+
+def summed_logits(oofs: list[pd.DataFrame]) -> pd.DataFrame:
+    """Late fusion without training: P(bad) from the sum of several runs' out-of-fold logits, matched
+    by ``patient_id`` (the first run's patients, folds and labels)."""
+    first = oofs[0]
+    matched = [o.set_index("patient_id").loc[first["patient_id"], "p_bad"].to_numpy() for o in oofs]
+    total = sum(logit(p.clip(1e-7, 1 - 1e-7)) for p in matched)
+    return first[["patient_id", "fold", "label"]].assign(p_bad=expit(total))
 
 
 def paired_auc(predictions: dict[str, pd.DataFrame], a: str, b: str) -> tuple[float, float, float]:

@@ -24,6 +24,7 @@ from ichpro.experiments import (
     run_rows,
     seed_spread,
     summarize,
+    summed_logits,
     table_rows,
     train_rows,
     write_table,
@@ -222,3 +223,13 @@ def test_table_readings_call_a_difference_real_only_beyond_delong_and_the_seed_s
     assert "differences from Ref beyond both DeLong p < 0.05 and the seed spread: A." in said
     without_seeds = table.drop(columns=["n_seeds", "auc_seed_min", "auc_seed_max"])
     assert not any(s.startswith("Over") for s in describe_table(without_seeds, "Ref"))
+
+
+def test_summed_logits_add_the_runs_log_odds_patient_by_patient():
+    a = pd.DataFrame({"patient_id": ["x", "y"], "fold": [0, 1], "p_bad": [0.5, 0.8], "label": [0, 1]})
+    b = pd.DataFrame({"patient_id": ["y", "x"], "fold": [1, 0], "p_bad": [0.5, 0.2], "label": [1, 0]})
+    summed = summed_logits([a, b])
+    assert list(summed["patient_id"]) == ["x", "y"] and list(summed["label"]) == [0, 1]
+    # x: logit 0 + logit 0.2 -> 0.2; y: logit 0.8 + logit 0.5 -> 0.8
+    assert summed["p_bad"].tolist() == pytest.approx([0.2, 0.8])
+    assert summed_logits([a, a])["p_bad"].tolist() == pytest.approx([0.5, 16 / 17])
