@@ -251,6 +251,12 @@ def summarize(rows: list[Row], predictions: dict[str, pd.DataFrame], paper_table
     return pd.DataFrame(lines)
 
 
+def fold_aucs(oof: pd.DataFrame) -> pd.Series:
+    """The AUC of each test fold of a run's out-of-fold predictions (index: fold)."""
+    return oof.groupby("fold").apply(lambda g: classification_metrics(g["label"], g["p_bad"])["auc"],
+                                     include_groups=False)
+
+
 def summed_logits(oofs: list[pd.DataFrame]) -> pd.DataFrame:
     """Late fusion without training: P(bad) from the sum of several runs' out-of-fold logits, matched
     by ``patient_id`` (the first run's patients, folds and labels)."""

@@ -17,6 +17,7 @@ from ichpro.experiments import (
     Row,
     compare_rows,
     describe_table,
+    fold_aucs,
     paired_auc,
     row_folder,
     row_manifest,
@@ -233,3 +234,11 @@ def test_summed_logits_add_the_runs_log_odds_patient_by_patient():
     # x: logit 0 + logit 0.2 -> 0.2; y: logit 0.8 + logit 0.5 -> 0.8
     assert summed["p_bad"].tolist() == pytest.approx([0.2, 0.8])
     assert summed_logits([a, a])["p_bad"].tolist() == pytest.approx([0.5, 16 / 17])
+
+
+def test_fold_aucs_ignore_a_shift_between_folds_that_costs_the_pooled_auc():
+    oof = pd.DataFrame({"patient_id": list("abcdefgh"), "fold": [0, 0, 0, 0, 1, 1, 1, 1],
+                        "label": [0, 1, 0, 1, 0, 1, 0, 1],
+                        "p_bad": [0.1, 0.2, 0.15, 0.3, 0.7, 0.8, 0.75, 0.9]})  # fold 1 shifted up
+    assert fold_aucs(oof).tolist() == [1.0, 1.0]
+    assert roc_auc_score(oof["label"], oof["p_bad"]) < 1.0
