@@ -1,10 +1,11 @@
 """Training a table's runs in parallel: the same runs with one worker (torch's threads) and with
 ``--workers`` worker processes (cores / workers threads each), measured in the same run.
 
-    .venv/bin/python bench/row_workers.py [--profile cpu] [--rows 4] [--patients 160] [--epochs 3]
-                                          [--workers N] [--quick]
+    .venv/bin/python bench/row_workers.py [--profile cpu] [--table table2_fusion] [--rows 4]
+                                          [--patients 160] [--epochs 3] [--workers N] [--quick]
 
-The runs are the first ``--rows`` rows of Table 2 (fusion structures), each cross-validated with the
+The runs are the first ``--rows`` rows of ``--table`` (Table 2's fusion structures train on cached
+encoder outputs; Table 4's first rows are image networks trained from scratch), each cross-validated with the
 profile's folds for ``--epochs`` epochs (no early stopping) on a small cohort of the profile, through
 :func:`ichpro.experiments.train_rows` as the notebooks call it. The feature cache is filled before
 either side is timed; the parallel side pays starting its worker processes. A frozen-encoder step
@@ -24,6 +25,7 @@ from ichpro.experiments import table_rows, train_rows
 def main(argv: list[str] | None = None) -> None:
     parser = common.make_parser(__doc__)
     parser.add_argument("--profile", default="cpu", choices=["smoke", "cpu"])
+    parser.add_argument("--table", default="table2_fusion", choices=["table2_fusion", "table4_comparison"])
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--patients", type=int, default=160)
     parser.add_argument("--epochs", type=int, default=3)
@@ -32,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     profile = common.derive(common.bench_profile(args.profile),
                             train={"epochs": args.epochs, "patience": None})
     manifest = common.tiny_cohort(profile.cohort, args.patients)
-    rows = table_rows("table2_fusion")[: args.rows]
+    rows = table_rows(args.table)[: args.rows]
     jobs = [(row, 0) for row in rows]
     with common.scratch("workers-") as tmp:
         options = {"profile": profile, "manifest": manifest, "quiet": True, "cache_dir": tmp / "cache"}
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         one = common.timed(lambda: train_rows(jobs, out=tmp / "one", workers=1, **options))
         many = common.timed(lambda: train_rows(jobs, out=tmp / "many", workers=args.workers, **options))
     common.print_table(
-        f"{len(jobs)} runs of Table 2, {args.profile} profile, {args.patients} patients, "
+        f"{len(jobs)} runs of {args.table}, {args.profile} profile, {args.patients} patients, "
         f"{args.epochs} epochs, {profile.train.n_folds} folds",
         ["workers", "threads each", "wall time (s)", "speed-up over one worker"],
         [[1, os.cpu_count(), one, 1.0], [args.workers, max(1, (os.cpu_count() or 1) // args.workers), many,

@@ -127,10 +127,10 @@ def _table(args: argparse.Namespace) -> int:
 
     from ichpro.config import get_profile
     from ichpro.data import load_manifest
-    from ichpro.experiments import TABLES, default_workers, run_table, table_rows, write_table
+    from ichpro.experiments import TABLES, run_table, table_rows, write_table
 
     table_rows(args.name)  # an unknown name fails before any work
-    if args.workers is not None and args.workers < 1:
+    if args.workers < 1:
         raise IchproError(f"--workers must be at least 1, not {args.workers}")
     profile = get_profile(args.profile)
     profile = replace(profile, model=_encoder_options(profile.model, args))
@@ -139,7 +139,7 @@ def _table(args: argparse.Namespace) -> int:
     truth = pd.read_csv(truth_path) if truth_path.is_file() else None
     table = run_table(args.name, profile, load_manifest(manifest_path), args.out, truth=truth,
                       seed=args.seed, resume=args.resume, quiet=args.quiet, cache_dir=args.cache,
-                      n_boot=args.n_boot, workers=args.workers or default_workers(profile))
+                      n_boot=args.n_boot, workers=args.workers)
     paths = write_table(table, Path(args.out) / args.name, TABLES[args.name][0])
     shown = ["row", "paper_auc", "auc", "auc_ci_low", "auc_ci_high", "delong_p", "ceiling_auc"]
     shown += [column for column in ("params", "seconds_per_fold") if column in table.columns]
@@ -254,8 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="table1_modalities, table2_fusion, table3_losses or table4_comparison")
     _add_run_options(p, out="folder for the rows' runs and the table", resume="continue an interrupted row")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates for the CIs")
-    p.add_argument("--workers", type=int, help="runs to train at once, each in its own process "
-                                               "(default: one per core, at most 4, on a CPU; 1 on a GPU)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="runs to train at once, each in its own process with cores / N threads (default 1; "
+                        "on a CPU, 2 trains frozen-encoder rows a little faster, from-scratch CNNs slower)")
     p.set_defaults(func=_table)
 
     p = sub.add_parser("evaluate", help="metrics with bootstrap CIs of a run's predictions",

@@ -194,7 +194,9 @@ def train_rows(jobs: list[tuple[Row, int]], profile: Profile, manifest: pd.DataF
 
 
 def default_workers(profile: Profile) -> int:
-    """Runs to train at once by default: one per core (at most 4) on a CPU, one on a GPU."""
+    """Runs to train at once for rows on cached encoder outputs: one per core (at most 4) on a CPU,
+    one on a GPU. Image networks trained from scratch are convolution-bound and train faster one
+    run at a time on every core (``bench/row_workers.py``)."""
     return min(4, os.cpu_count() or 1) if resolve_device(profile.train.device).type == "cpu" else 1
 
 
