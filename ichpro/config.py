@@ -60,6 +60,7 @@ class ModelConfig:
 
 
 MLM_VOCABULARIES = ("full", "reports")
+CALIBRATIONS = ("none", "platt")  # TrainConfig.calibration (ichpro.calibration)
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,14 @@ class TrainConfig:
     patience: int | None = None  # early stopping after this many epochs without improvement
     lr_schedule: str = "constant"  # constant | cosine (from lr down to 0 at the last epoch)
     grad_accumulation: int = 1
+    calibration: str = "none"  # none | platt (each fold's P(bad) recalibrated on its inner validation split)
     amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | bf16 | fp16 | off
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):
+        if self.calibration not in CALIBRATIONS:
+            raise IchproError(f"unknown calibration {self.calibration!r}; choose one of "
+                              f"{', '.join(CALIBRATIONS)}")
 
 
 @dataclass(frozen=True)
@@ -131,7 +138,7 @@ PROFILES: dict[str, Profile] = {
                           header_blocks=(2, 2, 2, 2), header_growth=8, freeze_vision=True,
                           freeze_text=True, comparator_input=(16, 32, 32)),
         loss=LossConfig(mlm_vocabulary="reports"),
-        train=TrainConfig(epochs=4, batch_size=8, lr=1e-4, lr_schedule="cosine"),
+        train=TrainConfig(epochs=4, batch_size=8, lr=1e-4, lr_schedule="cosine", calibration="platt"),
         pretrain=PretrainConfig(n_patients=48, epochs=4),
     ),
     # cpu: text_layers 5 is MiniLM's best layer for an inner-validation probe (ichpro.probes, notebook
@@ -145,7 +152,8 @@ PROFILES: dict[str, Profile] = {
                           cmaf_pool=(1, 1, 1), heads=8, header_blocks=(2, 4, 8, 4), header_growth=16,
                           freeze_vision=True, freeze_text=True, comparator_input=(16, 32, 32)),
         loss=LossConfig(mlm_vocabulary="reports"),
-        train=TrainConfig(epochs=12, batch_size=16, lr=1e-3, patience=4, lr_schedule="cosine"),
+        train=TrainConfig(epochs=12, batch_size=16, lr=1e-3, patience=4, lr_schedule="cosine",
+                          calibration="platt"),
         pretrain=PretrainConfig(n_patients=200, epochs=8),
     ),
     "paper": Profile(

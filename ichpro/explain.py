@@ -278,7 +278,7 @@ def _model_input(run: TrainedRun, ct: str | Path | torch.Tensor) -> torch.Tensor
 
 def _p_bad(run: TrainedRun, batch: Mapping[str, torch.Tensor]) -> float:
     """P(bad outcome), the mean over the run's fold models."""
-    return float(np.mean([float(_output(m, batch).logits.float().softmax(dim=1)[0, 1]) for m in run.models]))
+    return float(np.mean(run.p_bad_per_fold([_output(m, batch) for m in run.models])))
 
 
 def counterfactual(run: TrainedRun, ct: str | Path | torch.Tensor, report: str,
@@ -314,7 +314,7 @@ def counterfactual_table(run: TrainedRun, manifest: pd.DataFrame, oof: pd.DataFr
     rows = manifest.assign(patient_id=manifest["patient_id"].astype(str)).set_index("patient_id")
     records = []
     for pid in patient_ids:
-        own = replace(run, models=[run.models[int(fold_of[pid])]])
+        own = run.fold(int(fold_of[pid]))
         result = counterfactual(own, rows.loc[pid, "ct_path"], rows.loc[pid, "report"], changes)
         records.append({"patient_id": pid, "fold": int(fold_of[pid]), "p_before": result["p_bad_before"],
                         "p_after": result["p_bad_after"]})

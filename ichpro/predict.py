@@ -2,33 +2,49 @@
 
 A run folder (written by ``ichpro train``) is self-contained: ``run.json`` holds the config and
 seed, ``text_encoder/`` the tiny encoder when one was used, ``fold{k}/best.safetensors`` each fold's
-selected weights. Frozen encoders are rebuilt exactly as in training (same seed, same weights file).
+selected weights and ``fold{k}/calibration.json`` its recalibration (:mod:`ichpro.calibration`).
+Frozen encoders are rebuilt exactly as in training (same seed, same weights file).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ichpro.calibration import IDENTITY, PlattScaling, margin
 from ichpro.config import Profile, profile_from_dict
 from ichpro.data import preprocess_transforms
 from ichpro.errors import IchproError
 from ichpro.models import ICHPro
+from ichpro.models.ichpro import ICHProOutput
 from ichpro.text import TextBackbone, load_text_backbone, tokenize
-from ichpro.train import fresh_model, load_weights
+from ichpro.train import CALIBRATION_FILE, fresh_model, load_weights
 
 
 @dataclass
 class TrainedRun:
-    """A run's profile, its text encoder and one model per fold (in eval mode)."""
+    """A run's profile, its text encoder and one model per fold (in eval mode), each with the
+    recalibration of its P(bad) (none given: the softmax)."""
 
     profile: Profile
     text: TextBackbone
     models: list[ICHPro]
+    calibrations: list[PlattScaling] = field(default_factory=list)
+
+    def fold(self, k: int) -> TrainedRun:
+        """The run reduced to its ``k``-th fold model."""
+        return replace(self, models=self.models[k:k + 1], calibrations=self.calibrations[k:k + 1])
+
+    def p_bad_per_fold(self, outputs: Sequence[ICHProOutput]) -> list[float]:
+        """P(bad outcome) of the first patient from each fold model's output (in fold order)."""
+        scalings = self.calibrations or [IDENTITY] * len(self.models)
+        return [float(s.p_bad(margin(out.logits[:1]).numpy())[0])
+                for out, s in zip(outputs, scalings, strict=True)]
 
 
 @dataclass
@@ -58,7 +74,8 @@ def load_run(run_dir: str | Path) -> TrainedRun:
         model = fresh_model(profile, text, seed)
         load_weights(path, model)
         models.append(model.eval())
-    return TrainedRun(profile, text, models)
+    calibrations = [PlattScaling.load(path.with_name(CALIBRATION_FILE)) for path in checkpoints]
+    return TrainedRun(profile, text, models, calibrations)
 
 
 def read_report(report: str) -> str:
@@ -80,7 +97,7 @@ def predict_patient(run: TrainedRun, ct_path: str | Path, report: str,
     batch = tokenize(run.text.tokenizer, [read_report(report)], run.profile.model.max_tokens)
     batch["ct"] = ct[None]
     outputs = [model(**batch) for model in run.models]
-    per_fold = [float(out.logits.float().softmax(dim=1)[0, 1]) for out in outputs]
+    per_fold = run.p_bad_per_fold(outputs)
     attention = None
     if attention_map in outputs[0].attentions:
         size = tuple(ct.shape[1:])

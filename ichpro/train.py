@@ -7,7 +7,11 @@ A run folder holds everything a run needs to be resumed and audited::
     oof_predictions.csv      patient_id, fold, p_bad, label: every patient exactly once
     fold{k}/last.safetensors, fold{k}/optimizer.safetensors, fold{k}/state.json   (each epoch)
     fold{k}/best.safetensors                                                       (selected epoch)
+    fold{k}/calibration.json  the selected model's Platt scaling (TrainConfig.calibration "platt")
     fold{k}/predictions.csv                                                        (fold finished)
+
+``p_bad`` in the predictions is the recalibrated P(bad outcome) (:mod:`ichpro.calibration`),
+``p_bad_uncalibrated`` the model's own softmax.
 
 Each fold re-initialises the model, selects its checkpoint on an inner validation split of its
 training patients (never on the test fold) and predicts its test fold with that checkpoint.
@@ -37,10 +41,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from scipy.special import expit
 from sklearn.model_selection import train_test_split
 from torch import nn
 from tqdm.auto import tqdm
 
+from ichpro.calibration import IDENTITY, PlattScaling, margin
 from ichpro.clinical import CLINICAL_BASELINES, clinical_baseline_cv, clinical_fields
 from ichpro.config import Profile
 from ichpro.data import config_hash, haematoma_volumes, make_dataset, make_folds
@@ -63,6 +69,7 @@ from ichpro.pretrain import ensure_pretrained, with_vision_weights
 from ichpro.text import TextBackbone, load_text_backbone, mask_tokens, tokenize
 
 STATE_VERSION = 1
+CALIBRATION_FILE = "calibration.json"  # a fold's PlattScaling, beside its best.safetensors
 
 
 # --------------------------------------------------------------------------- devices and precision
@@ -504,31 +511,40 @@ class FoldTrainer:
 
     @torch.no_grad()
     def predict_columns(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """``p_bad`` (P(bad outcome)) of the given patients with the current weights, and a
-        comparator's auxiliary predictions (``Comparator.auxiliary_predictions``)."""
+        """``margin`` (the log-odds of a bad outcome, :func:`ichpro.calibration.margin`) of the given
+        patients with the current weights, and a comparator's auxiliary predictions
+        (``Comparator.auxiliary_predictions``)."""
         self.model.eval()
         columns: dict[str, list[torch.Tensor]] = {}
         for idx in batches(indices, self.profile.train.batch_size, None):
             with autocast(self.device, self.profile.train.amp):
                 out = self._forward(self.model, self.source.batch(idx, self.device))
-            preds = {"p_bad": out.logits.float().softmax(dim=1)[:, 1]}
+            preds = {"margin": margin(out.logits)}
             if self.comparator:
                 preds.update(self.model.auxiliary_predictions(out))
             for name, value in preds.items():
                 columns.setdefault(name, []).append(value.cpu())
         return {name: torch.cat(values).double().numpy() for name, values in columns.items()}
 
-    def predict(self, indices: np.ndarray) -> np.ndarray:
-        """P(bad outcome) of the given patients with the current weights."""
-        return self.predict_columns(indices)["p_bad"]
-
     def _validate(self) -> dict[str, float]:
-        p = self.predict(self.fold.val)
+        p = expit(self.predict_columns(self.fold.val)["margin"])
         labels = self.source.labels[self.fold.val].numpy()
         eps = 1e-7
         loss = -np.mean(labels * np.log(p + eps) + (1 - labels) * np.log(1 - p + eps))
         auc = classification_metrics(labels, p)["auc"]
         return {"val_loss": float(loss), "val_auc": float(auc)}
+
+    def calibrate(self) -> PlattScaling:
+        """The selected model's recalibration (``TrainConfig.calibration``), fitted on the inner
+        validation split and saved to ``calibration.json`` in the fold folder."""
+        if self.profile.train.calibration == "none":
+            return IDENTITY
+        scaling = PlattScaling.fit(self.predict_columns(self.fold.val)["margin"],
+                                   self.source.labels[self.fold.val].numpy())
+        if self.dist.is_main:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_json(self.folder / CALIBRATION_FILE, asdict(scaling))
+        return scaling
 
     def fit(self, run_metrics: Path | None) -> pd.DataFrame:
         """Train to the end (or early stop), then predict the test fold with the best checkpoint."""
@@ -555,11 +571,13 @@ class FoldTrainer:
                                            header=not run_metrics.exists())
         if (self.folder / "best.safetensors").is_file():
             load_weights(self.folder / "best.safetensors", self.model)
+        scaling = self.calibrate()
         columns = self.predict_columns(self.fold.test)
+        m = columns.pop("margin")
         return pd.DataFrame({
             "patient_id": [self.source.patient_ids[i] for i in self.fold.test],
-            "fold": self.fold.index, "p_bad": columns.pop("p_bad"),
-            "label": self.source.labels[self.fold.test].numpy(), **columns,
+            "fold": self.fold.index, "p_bad": scaling.p_bad(m),
+            "label": self.source.labels[self.fold.test].numpy(), "p_bad_uncalibrated": expit(m), **columns,
         })
 
 

@@ -36,7 +36,7 @@ def finished_run(manifest, ct_cache, tmp_path_factory):
 def test_every_patient_is_predicted_exactly_once(finished_run, manifest):
     run, oof = finished_run
     saved = pd.read_csv(run / "oof_predictions.csv")
-    assert list(saved.columns) == ["patient_id", "fold", "p_bad", "label"]
+    assert list(saved.columns) == ["patient_id", "fold", "p_bad", "label", "p_bad_uncalibrated"]
     assert sorted(saved["patient_id"]) == sorted(manifest["patient_id"])
     assert saved["p_bad"].between(0, 1).all() and set(saved["fold"]) == {0, 1, 2}
     truth = manifest.set_index("patient_id")["label"]
@@ -60,6 +60,21 @@ def test_run_folder_records_config_metrics_and_checkpoints(finished_run):
                                                       "predictions.csv"}
         assert not list(folder.glob("*.tmp"))
         assert json.loads((folder / "state.json").read_text())["epoch"] == 3
+
+
+def test_each_fold_is_recalibrated_on_its_inner_validation_split(finished_run):
+    from scipy.special import logit
+
+    from ichpro.calibration import PlattScaling
+
+    run, oof = finished_run
+    assert FAST.train.calibration == "platt"
+    for k, fold in oof.groupby("fold"):
+        scaling = PlattScaling.load(run / f"fold{k}" / "calibration.json")
+        assert (scaling.slope, scaling.intercept) != (1.0, 0.0)
+        np.testing.assert_allclose(fold["p_bad"], scaling.p_bad(logit(fold["p_bad_uncalibrated"])), rtol=1e-5)
+        # a monotone map within the fold: the fold's own ranking is unchanged
+        assert (fold["p_bad"].rank() == fold["p_bad_uncalibrated"].rank()).all() or scaling.slope == 0
 
 
 def test_cosine_schedule_runs_from_the_base_rate_to_zero_and_is_applied_each_epoch(finished_run):
@@ -214,8 +229,9 @@ def test_a_frozen_fit_encodes_each_ct_once_and_end_to_end_every_step(manifest, c
     seen.clear()
     cross_validate(end_to_end, small, tmp_path / "e2e", quiet=True, cache_dir=tmp_path / "cache")
     assert frozen_calls == len(small)
-    # every epoch encodes the training and validation patients again, then the test fold
-    assert sum(seen) == 2 * (2 * (16 + 4) + 20)  # folds x (epochs x (train + val) + test)
+    # every epoch encodes the training and validation patients again, then the selected model the
+    # validation patients (its recalibration) and the test fold
+    assert sum(seen) == 2 * (2 * (16 + 4) + 4 + 20)  # folds x (epochs x (train + val) + val + test)
     seen.clear()
     again = cross_validate(quick, small, tmp_path / "frozen-again", quiet=True, cache_dir=tmp_path / "cache")
     assert len(again) == len(small) and not seen  # the disk cache: nothing encoded again
