@@ -96,13 +96,18 @@ def plot_roc(labels: np.ndarray, scores: dict[str, np.ndarray], title: str = "")
 
 
 def plot_table_auc(table: pd.DataFrame, title: str) -> plt.Figure:
-    """AUC per row of a results table: ours with its 95 % CI, the paper's value, the oracle ceiling."""
+    """AUC per row of a results table: ours with its 95 % CI (and its range over training seeds where
+    the table has one, :func:`ichpro.experiments.seed_spread`), the paper's value, the oracle ceiling."""
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(table) + 1.4))
     y = np.arange(len(table))[::-1]
     errors = [table["auc"] - table["auc_ci_low"], table["auc_ci_high"] - table["auc"]]
     ax.errorbar(table["auc"], y, xerr=errors, fmt="o", color="tab:blue", capsize=3, label="ours (95 % CI)")
     ax.scatter(table["paper_auc"], y, marker="x", color="tab:red", zorder=3, label="paper")
     ax.scatter(table["ceiling_auc"], y, marker="|", s=200, color="black", zorder=3, label="oracle ceiling")
+    if "auc_seed_min" in table:
+        seeded = table["n_seeds"].notna().to_numpy()
+        ax.hlines(y[seeded], table["auc_seed_min"][seeded], table["auc_seed_max"][seeded], color="tab:orange",
+                  lw=7, alpha=0.4, zorder=1, label="ours, range over training seeds")
     ax.axvline(0.5, color="grey", lw=0.8, ls=":")
     ax.set_yticks(y, table["row"])
     ax.set_xlim(min(0.4, np.nanmin(table["auc_ci_low"]) - 0.02), 1.0)

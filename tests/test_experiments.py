@@ -122,6 +122,24 @@ def test_summary_columns_paper_numbers_delong_and_ceiling(tmp_path):
     assert "0.943" in paths[1].read_text()
 
 
+def test_the_table_figure_shows_the_seed_range_where_a_row_has_one():
+    from ichpro.plots import plot_table_auc
+
+    table = pd.DataFrame({"row": ["a", "b"], "auc": [0.8, 0.7], "auc_ci_low": [0.75, 0.65],
+                          "auc_ci_high": [0.85, 0.75], "paper_auc": [0.9, np.nan],
+                          "ceiling_auc": [0.95, 0.95]})
+
+    def labels(fig):
+        return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+    assert "ours, range over training seeds" not in labels(plot_table_auc(table, "t"))
+    seeded = table.assign(n_seeds=[3, np.nan], auc_seed_min=[0.78, np.nan], auc_seed_max=[0.82, np.nan])
+    fig = plot_table_auc(seeded, "t")
+    assert "ours, range over training seeds" in labels(fig)
+    (bars,) = [c for c in fig.axes[0].collections if c.get_label() == "ours, range over training seeds"]
+    assert [tuple(seg[:, 0]) for seg in bars.get_segments()] == [(0.78, 0.82)]  # row a only
+
+
 def test_rows_are_compared_patient_by_patient_whatever_their_order():
     manifest, _ = cohort()
     a = pd.DataFrame({"patient_id": manifest["patient_id"], "label": manifest["label"],
