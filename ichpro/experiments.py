@@ -37,7 +37,7 @@ from ichpro.metrics import classification_metrics, delong_test, metrics_table
 from ichpro.paper import reported_tables
 from ichpro.pretrain import ensure_pretrained
 from ichpro.reports import drop_field
-from ichpro.train import cross_validate, resolve_device
+from ichpro.train import OOF_FILE, cross_validate, resolve_device
 
 TABLE_METRICS = ("accuracy", "recall", "precision", "f1", "auc")
 #: the oracle probability column of truth.csv that bounds a row, by the inputs the row sees
@@ -166,22 +166,24 @@ def train_rows(jobs: list[tuple[Row, int]], profile: Profile, manifest: pd.DataF
     terminal and with one worker. ``train`` (default :func:`ichpro.train.cross_validate`) fits one
     run; with several workers it must be a module-level function.
     """
-    todo = [(row, s) for row, s in jobs if not _oof_path(out, profile, row, s).is_file()]
-    options = {"profile": profile, "manifest": manifest, "out": out, "resume": resume, "cache_dir": cache_dir,
+    folders = {(row.name, s): row_folder(out, profile, row, s) for row, s in jobs}
+    todo = [(row, s) for row, s in jobs if not (folders[row.name, s] / OOF_FILE).is_file()]
+    options = {"profile": profile, "manifest": manifest, "resume": resume, "cache_dir": cache_dir,
                "train": train}
     if workers <= 1 or len(todo) <= 1:
         for i, (row, s) in enumerate(todo, 1):
             if not quiet:
                 print(f"[{i}/{len(todo)}] {row.name}{_seed_label(row, s)}: training in "
-                      f"{row_folder(out, profile, row, s)}", flush=True)
-            _train_row(row, s, quiet=quiet or not sys.stderr.isatty(), **options)
+                      f"{folders[row.name, s]}", flush=True)
+            _train_row(row, s, folders[row.name, s], quiet=quiet or not sys.stderr.isatty(), **options)
         return
-    for row, _ in todo:  # once, before the workers start: they would each pretrain it
-        ensure_pretrained(row_profile(profile, row), quiet)
+    for trained in {row_profile(profile, row) for row, _ in todo}:  # before the workers: each would pretrain
+        ensure_pretrained(trained, quiet)
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        futures = {pool.submit(_train_row, row, s, quiet=True, **options): (row, s) for row, s in todo}
+        futures = {pool.submit(_train_row, row, s, folders[row.name, s], quiet=True, **options): (row, s)
+                   for row, s in todo}
         if not quiet:
             print(f"training {len(todo)} runs, {min(workers, len(todo))} at once ({threads} thread(s) each)",
                   flush=True)
@@ -200,19 +202,14 @@ def default_workers(profile: Profile) -> int:
     return min(4, os.cpu_count() or 1) if resolve_device(profile.train.device).type == "cpu" else 1
 
 
-def _oof_path(out: str | Path, profile: Profile, row: Row, seed: int) -> Path:
-    return row_folder(out, profile, row, seed) / "oof_predictions.csv"
-
-
 def _seed_label(row: Row, seed: int) -> str:
     return f" (seed {seed})" if row.seeds > 1 else ""
 
 
-def _train_row(row: Row, seed: int, *, profile: Profile, manifest: pd.DataFrame, out: str | Path,
-               resume: bool, quiet: bool, cache_dir: Path | None, train: Callable | None) -> float:
+def _train_row(row: Row, seed: int, folder: Path, *, profile: Profile, manifest: pd.DataFrame, resume: bool,
+               quiet: bool, cache_dir: Path | None, train: Callable | None) -> float:
     """Cross-validate one row with one seed into its folder; returns (and records) the seconds taken."""
     train = cross_validate if train is None else train
-    folder = row_folder(out, profile, row, seed)
     start = time.perf_counter()
     train(row_profile(profile, row), row_manifest(manifest, row), folder, seed=seed,
           resume=resume or folder.is_dir(), quiet=quiet, cache_dir=cache_dir)
@@ -226,7 +223,7 @@ def run_rows(rows: list[Row], profile: Profile, manifest: pd.DataFrame, out: str
     """Each row's out-of-fold predictions with ``seed``, trained first where not finished
     (:func:`train_rows` and its options)."""
     train_rows([(row, seed) for row in rows], profile, manifest, out, **run_options)
-    return {row.name: pd.read_csv(_oof_path(out, profile, row, seed)) for row in rows}
+    return {row.name: pd.read_csv(row_folder(out, profile, row, seed) / OOF_FILE) for row in rows}
 
 
 def summarize(rows: list[Row], predictions: dict[str, pd.DataFrame], paper_table: str | None,

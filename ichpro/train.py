@@ -4,7 +4,7 @@ A run folder holds everything a run needs to be resumed and audited::
 
     run.json                 config, seed, config hash, manifest checksum, versions, git commit
     metrics.csv              one row per (fold, epoch): every loss term, validation loss and AUC
-    oof_predictions.csv      patient_id, fold, p_bad, label: every patient exactly once
+    oof_predictions.csv      patient_id, fold, p_bad, label, p_bad_uncalibrated: every patient once
     fold{k}/last.safetensors, fold{k}/optimizer.safetensors, fold{k}/state.json   (each epoch)
     fold{k}/best.safetensors                                                       (selected epoch)
     fold{k}/calibration.json  the selected model's Platt scaling (TrainConfig.calibration "platt")
@@ -69,6 +69,7 @@ from ichpro.pretrain import ensure_pretrained, with_vision_weights
 from ichpro.text import TextBackbone, load_text_backbone, mask_tokens, tokenize
 
 STATE_VERSION = 1
+OOF_FILE = "oof_predictions.csv"  # a run's out-of-fold predictions: every patient once
 CALIBRATION_FILE = "calibration.json"  # a fold's PlattScaling, beside its best.safetensors
 
 
@@ -654,7 +655,7 @@ def cross_validate(profile: Profile, manifest: pd.DataFrame, run_dir: Path, *, s
         predictions.append(fold_predictions)
     oof = pd.concat(predictions, ignore_index=True)
     if dist_info.is_main:
-        _atomic_write(run_dir / "oof_predictions.csv", lambda p: oof.to_csv(p, index=False))
+        _atomic_write(run_dir / OOF_FILE, lambda p: oof.to_csv(p, index=False))
     return oof
 
 
@@ -688,7 +689,7 @@ def _clinical_baseline(name: str, manifest: pd.DataFrame, folds: list[Fold], run
     oof = oof.sort_values(["fold", "patient_id"], kind="stable").reset_index(drop=True)
     if dist_info.is_main:
         write_json(run_dir / "parameters.json", {"trainable": n_parameters})
-        _atomic_write(run_dir / "oof_predictions.csv", lambda p: oof.to_csv(p, index=False))
+        _atomic_write(run_dir / OOF_FILE, lambda p: oof.to_csv(p, index=False))
     return oof
 
 
