@@ -45,14 +45,21 @@ def test_source_notebook_is_clean_and_parameterised(notebook):
     assert nb.metadata["kernelspec"]["name"] == "python3"
 
 
+@pytest.fixture(scope="module")
+def notebook_runs(tmp_path_factory):
+    """One output folder for every notebook, as ``ichpro reproduce`` has: a table row that several
+    notebooks share (ICHPro) is trained by the first and loaded by the others."""
+    return tmp_path_factory.mktemp("notebook_runs")
+
+
 @pytest.mark.notebook
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
-def test_notebook_runs_on_smoke(notebook, smoke_cohort, tmp_path):
+def test_notebook_runs_on_smoke(notebook, smoke_cohort, notebook_runs, tmp_path):
     number = notebook.name[:2]
     figures = tmp_path / "figures"
-    run_notebooks("smoke", only=[number], data_dir=str(smoke_cohort), output_dir=str(tmp_path),
+    run_notebooks("smoke", only=[number], data_dir=str(smoke_cohort), output_dir=str(notebook_runs),
                   figures_dir=str(figures))
-    executed = nbformat.read(tmp_path / "notebooks" / notebook.name, as_version=4)
+    executed = nbformat.read(notebook_runs / "notebooks" / notebook.name, as_version=4)
     errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]
     assert not errors
