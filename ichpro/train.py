@@ -41,7 +41,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from scipy.special import expit
 from sklearn.model_selection import train_test_split
 from torch import nn
 from tqdm.auto import tqdm
@@ -528,7 +527,7 @@ class FoldTrainer:
         return {name: torch.cat(values).double().numpy() for name, values in columns.items()}
 
     def _validate(self) -> dict[str, float]:
-        p = expit(self.predict_columns(self.fold.val)["margin"])
+        p = IDENTITY.p_bad(self.predict_columns(self.fold.val)["margin"])
         labels = self.source.labels[self.fold.val].numpy()
         eps = 1e-7
         loss = -np.mean(labels * np.log(p + eps) + (1 - labels) * np.log(1 - p + eps))
@@ -578,7 +577,8 @@ class FoldTrainer:
         return pd.DataFrame({
             "patient_id": [self.source.patient_ids[i] for i in self.fold.test],
             "fold": self.fold.index, "p_bad": scaling.p_bad(m),
-            "label": self.source.labels[self.fold.test].numpy(), "p_bad_uncalibrated": expit(m), **columns,
+            "label": self.source.labels[self.fold.test].numpy(), "p_bad_uncalibrated": IDENTITY.p_bad(m),
+            **columns,
         })
 
 
