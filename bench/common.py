@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import platform
@@ -174,7 +175,7 @@ def tiny_cohort(spec: str, n_patients: int, seed: int = 7, **image: object) -> p
     from threadpoolctl import threadpool_limits
 
     from ichpro.cohort import generate_cohort, load_spec
-    from ichpro.data import load_manifest
+    from ichpro.manifest import load_manifest
 
     size = n_patients if image else max(n_patients, POOL)
     suffix = "".join(f"-{k}{v}" for k, v in sorted(image.items()))
@@ -201,8 +202,8 @@ def end_to_end(profile: Profile) -> Profile:
 
 def random_vision_weights(profile: Profile) -> Path:
     """A randomly initialised vision encoder of the profile's architecture, saved once in the cache."""
+    from ichpro.checkpoints import save_weights
     from ichpro.models.encoders import VisionEncoder
-    from ichpro.train import save_weights
 
     cfg = profile.model
     name = "-".join(map(str, [cfg.vision_depth, *cfg.vision_widths, int(cfg.vision_no_max_pool)]))
@@ -280,44 +281,51 @@ def first_fold(profile: Profile, labels: np.ndarray):
 
 
 def fold_trainer(profile: Profile, source, text, folder: Path):
-    """A ``FoldTrainer`` of fold 0 of ``source``'s patients, built exactly as cross-validation does."""
-    from ichpro.train import Distributed, FoldTrainer
+    """A ``FoldTrainer`` of fold 0 of ``source``'s patients, built (and ``source`` prepared for its
+    model) exactly as cross-validation does."""
+    from ichpro.runtime import SINGLE_PROCESS
+    from ichpro.train import FoldTrainer, encoders_profile, fresh_model
 
     fold = first_fold(profile, source.labels.numpy())
-    return FoldTrainer(profile, source, text, fold, folder, CPU, 0, Distributed(), quiet=True)
+    trainer = FoldTrainer(profile, source, text, fold, folder, CPU, 0, SINGLE_PROCESS, quiet=True)
+    source.prepare(trainer.model, lambda: fresh_model(encoders_profile(profile), text, 0), CPU, 0, quiet=True)
+    trainer.fit_training_patients()
+    return trainer
 
 
-def train_step(trainer, batch: dict, generator: torch.Generator) -> None:
+def train_step(trainer, batch: dict) -> None:
     """One training step exactly as ``FoldTrainer`` takes it, in training mode."""
     trainer.model.train()
-    trainer.train_step(batch, generator)
+    trainer.train_step(batch)
 
 
 def fill_feature_cache(profile: Profile, manifest: pd.DataFrame, text, cache_dir: Path):
-    """Time ``BatchSource.precompute`` three times on an empty ``cache_dir``: ``cold`` (CT
+    """Time ``BatchSource.prepare`` three times on an empty ``cache_dir``: ``cold`` (CT
     preprocessing + encoding every patient), ``encode`` (features removed, CT cache warm) and
     ``warm`` (hashing the encoder weights and CT files, reading the features). Returns the last
     (precomputed) source and the seconds."""
-    from ichpro.train import BatchSource, fresh_model
+    from ichpro.batches import BatchSource
+    from ichpro.train import fresh_model
 
     seconds = {}
     for step in ("cold", "encode", "warm"):
         if step == "encode":
             shutil.rmtree(Path(cache_dir) / "features")
         source = BatchSource(manifest, profile, text, cache_dir)
-        model = fresh_model(profile, text, seed=0)
-        seconds[step] = timed(source.precompute, model, CPU, profile.train.batch_size, 0, True)
+        model = fresh_model(profile, text, seed=0)  # ICHPro: its own frozen encoders encode
+        seconds[step] = timed(functools.partial(source.prepare, model, lambda m=model: m, CPU, 0, quiet=True))
     return source, seconds
 
 
 def end_to_end_step(profile: Profile, batch_size: int, folder: Path):
     """A fold-0 ``FoldTrainer`` of the profile with both encoders trainable, and a batch of
     ``batch_size`` preprocessed CTs and reports of a small cohort of the profile's spec."""
-    from ichpro.train import BatchSource
+    from ichpro.batches import BatchSource
 
     profile = end_to_end(profile)
-    manifest = tiny_cohort(profile.cohort, max(batch_size, 24))
+    manifest = tiny_cohort(profile.cohort, max(2 * batch_size, 24))
     text = text_backbone(profile, manifest)
     source = BatchSource(manifest, profile, text, cache_dir=None)
-    return fold_trainer(profile, source, text, folder), source.batch(list(range(batch_size)), CPU, epoch=1)
+    trainer = fold_trainer(profile, source, text, folder)  # its MLM head decodes its training reports' words
+    return trainer, source.batch(trainer.fold.train[:batch_size].tolist(), CPU, epoch=1)
 

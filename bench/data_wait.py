@@ -15,9 +15,10 @@ from __future__ import annotations
 from collections import defaultdict
 
 import common
+import pandas as pd
 from common import now
 
-from ichpro.train import BatchSource
+from ichpro.batches import BatchSource
 
 TARGET = 0.05
 
@@ -32,9 +33,9 @@ class TimedSource(BatchSource):
         self.skip, self.epoch = skip, 0
         self.wait: dict[int, float] = defaultdict(float)
 
-    def batch(self, idx, device, epoch=None):
+    def batch(self, idx, device, epoch=None, generator=None):
         start = now()
-        batch = super().batch(idx, device, epoch)
+        batch = super().batch(idx, device, epoch, generator)
         self.epoch = epoch or self.epoch
         if not self.skip.issuperset(idx):
             self.wait[self.epoch] += now() - start
@@ -50,10 +51,10 @@ def measure(name: str, epochs: int, patients: int) -> list[list[object]]:
     with common.scratch("wait-") as tmp:
         source = TimedSource(manifest, profile, text, tmp / "cache", skip=test)
         trainer = common.fold_trainer(profile, source, text, tmp / "run")
-        trainer.fit(None)
+        trainer.fit(tmp / "metrics.csv")
+        history = pd.read_csv(tmp / "metrics.csv")
     rows, later = [], [0.0, 0.0]
-    for record in trainer.state["history"]:
-        epoch, seconds = record["epoch"], record["seconds"]
+    for epoch, seconds in zip(history["epoch"], history["seconds"]):
         wait = source.wait[epoch]
         if epoch > 1:
             later = [later[0] + wait, later[1] + seconds]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import common
 from common import timed
 
-from ichpro.train import BatchSource
+from ichpro.batches import BatchSource
 
 TARGET = 20.0
 

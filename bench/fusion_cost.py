@@ -26,9 +26,7 @@ from dataclasses import replace
 import common
 import torch
 
-from ichpro.losses import CompositeLoss
 from ichpro.models import build_model
-from ichpro.train import _loss_inputs
 
 
 def make_step(profile, hidden: int, batch: int, tokens: int, report_words: int):
@@ -42,8 +40,7 @@ def make_step(profile, hidden: int, batch: int, tokens: int, report_words: int):
     model = build_model(replace(cfg, text_layers=None), bert, profile.loss)
     if profile.loss.mlm_vocabulary == "reports":
         model.mlm.restrict_vocabulary(torch.arange(1000, 1000 + report_words))
-    loss = CompositeLoss.from_config(profile.loss)
-    params = [p for p in [*model.parameters(), *loss.parameters()] if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]  # the objective's included
     optimizer = torch.optim.Adam(params, lr=profile.train.lr)
     with torch.no_grad():
         grid = model.vision(torch.zeros(1, 1, *profile.preprocess.spatial_size)).shape[1:]
@@ -55,9 +52,7 @@ def make_step(profile, hidden: int, batch: int, tokens: int, report_words: int):
             "labels": torch.arange(batch) % 2}
 
     def step() -> None:
-        out = model(**data)
-        total, _ = loss(**_loss_inputs(out, data))
-        total.backward()
+        model(data).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

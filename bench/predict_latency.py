@@ -29,16 +29,18 @@ from pathlib import Path
 
 MARKER = "BENCH_STAGES "
 STAGES = ["python start-up + exit", "import", "text encoder load", "model build", "weight load",
-          "preprocessing", "forward", "other"]
+          "preprocessing", "frozen encoders", "forward", "other"]
 TARGET = 10.0
 
 
 def child(argv: list[str]) -> int:
     """Run the ichpro CLI with timers around the stages of a prediction; print them as JSON."""
     start = time.perf_counter()
+    import ichpro.data as data
     import ichpro.models.ichpro as model_module
     import ichpro.predict as predict
     from ichpro import cli
+    from ichpro.batches import BatchSource
 
     spent = {"import": time.perf_counter() - start}
 
@@ -55,8 +57,9 @@ def child(argv: list[str]) -> int:
     predict.load_text_backbone = timing("text encoder load", predict.load_text_backbone)
     predict.fresh_model = timing("model build", predict.fresh_model)
     predict.load_weights = timing("weight load", predict.load_weights)
-    transforms = predict.preprocess_transforms
-    predict.preprocess_transforms = lambda cfg: timing("preprocessing", transforms(cfg))
+    transforms = data.preprocess_transforms
+    data.preprocess_transforms = lambda cfg, **options: timing("preprocessing", transforms(cfg, **options))
+    BatchSource._encode = timing("frozen encoders", BatchSource._encode)
     model_module.ICHPro.forward = timing("forward", model_module.ICHPro.forward)
     code = cli.main(argv)
     spent["total"] = time.perf_counter() - start
@@ -89,7 +92,8 @@ def paper_run(folds: int) -> Path:
 
     import common
 
-    from ichpro.train import fresh_model, save_weights, write_json
+    from ichpro.checkpoints import save_weights, write_json
+    from ichpro.train import fresh_model
 
     profile = common.bench_profile("paper")
     run = common.BENCH_DIR / "predict" / f"paper-f{folds}"

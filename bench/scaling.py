@@ -15,7 +15,6 @@ least-squares slope): k = 1 is linear.
 from __future__ import annotations
 
 import common
-import torch
 from common import timed
 
 
@@ -45,9 +44,7 @@ def volume_scaling(name: str, sizes: list[tuple[int, int, int]], batch: int | No
         profile = common.derive(base, preprocess={"spatial_size": size})
         with common.scratch("scale-") as tmp:
             trainer, data = common.end_to_end_step(profile, batch, tmp)
-        generator = torch.Generator().manual_seed(0)
-        steps[size] = lambda trainer=trainer, data=data, generator=generator: common.train_step(
-            trainer, dict(data), generator)
+        steps[size] = lambda trainer=trainer, data=data: common.train_step(trainer, dict(data))
     seconds = common.interleaved(steps, repeats, warmup=1)
     voxels = [d * h * w for d, h, w in sizes]
     rows = [["x".join(map(str, size)), n, seconds[size], 1e9 * seconds[size] / (n * batch)]

@@ -31,7 +31,7 @@ def measure(name: str, batch_size: int | None, repeats: int) -> list[object]:
     batch_size = batch_size or profile.train.batch_size
     with common.scratch("step-") as tmp:
         trainer, batch = common.end_to_end_step(profile, batch_size, tmp)
-    model, generator = trainer.model, torch.Generator().manual_seed(0)
+    model = trainer.model
     vision_optimizer = torch.optim.Adam(model.vision.parameters(), lr=profile.train.lr)
 
     def vision_step() -> None:
@@ -41,10 +41,12 @@ def measure(name: str, batch_size: int | None, repeats: int) -> list[object]:
 
     def forward() -> None:
         with torch.no_grad():
-            model(**batch)
+            model(batch)
 
-    times = common.interleaved({"vision": vision_step, "whole": lambda: common.train_step(
-        trainer, dict(batch), generator), "forward": forward}, repeats, warmup=1)
+    def whole() -> None:
+        common.train_step(trainer, dict(batch))
+
+    times = common.interleaved({"vision": vision_step, "whole": whole, "forward": forward}, repeats, warmup=1)
     ratio = times["whole"] / times["vision"]
     size = "x".join(map(str, profile.preprocess.spatial_size))
     return [name, batch_size, size, sum(p.numel() for p in model.parameters()) / 1e6, times["forward"],

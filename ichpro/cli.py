@@ -1,12 +1,18 @@
 """The ``ichpro`` command line: ``ichpro synth | validate | pretrain-vision | train | table | evaluate |
-predict | reproduce`` (``--help`` on each)."""
+predict | reproduce`` (``--help`` on each).
+
+Each command imports what it needs inside its own function: torch, MONAI and transformers take
+seconds to import, and ``ichpro --help`` or ``ichpro validate`` should not wait for them.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import traceback
+from dataclasses import replace
 from pathlib import Path
 
 from ichpro.config import FUSION_STRUCTURES, cache_root
@@ -41,8 +47,8 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from ichpro.data import load_manifest, summarize_manifest
     from ichpro.errors import ManifestError
+    from ichpro.manifest import load_manifest, summarize_manifest
 
     try:
         manifest = load_manifest(args.manifest)
@@ -72,8 +78,6 @@ def _pretrain_vision(args: argparse.Namespace) -> int:
 
 def _encoder_options(model, args: argparse.Namespace):
     """The model config with the encoder options of the command line applied."""
-    from dataclasses import replace
-
     if args.vision_weights is not None:
         model = replace(model, vision_weights=str(Path(args.vision_weights).resolve()))
     if args.end_to_end:
@@ -84,20 +88,19 @@ def _encoder_options(model, args: argparse.Namespace):
 
 
 def _train(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     from ichpro.config import get_profile
-    from ichpro.data import load_manifest
     from ichpro.losses import parse_loss_spec
+    from ichpro.manifest import load_manifest
     from ichpro.metrics import classification_metrics
-    from ichpro.train import cross_validate
+    from ichpro.train import cross_validate, prepare_vision_weights
 
     profile = get_profile(args.profile)
     model = profile.model if args.fusion is None else replace(profile.model, fusion=args.fusion)
     model = _encoder_options(model, args)
-    loss_spec = args.loss
+    loss_spec, train = args.loss, profile.train
     if args.comparator is not None:
         from ichpro.clinical import CLINICAL_BASELINES
+        from ichpro.experiments import table_rows
         from ichpro.models.comparators import COMPARATORS
 
         names = [*COMPARATORS, *CLINICAL_BASELINES]
@@ -105,13 +108,17 @@ def _train(args: argparse.Namespace) -> int:
             raise IchproError(f"unknown comparator {args.comparator!r}; choose one of {', '.join(names)}")
         model = replace(model, comparator=args.comparator)
         loss_spec = loss_spec or "ce"  # a comparator brings its own loss; ICHPro's terms do not apply
+        row = next(r for r in table_rows("table4_comparison") if r.model.get("comparator") == args.comparator)
+        train = replace(train, **row.train)  # the training settings of the comparator's Table 4 row
     loss = profile.loss if loss_spec is None else replace(profile.loss, terms=parse_loss_spec(loss_spec))
-    train = replace(profile.train, **{k: v for k, v in (
+    train = replace(train, **{k: v for k, v in (
         ("epochs", args.epochs), ("n_folds", args.folds), ("batch_size", args.batch_size),
         ("lr", args.lr), ("device", args.device), ("amp", args.amp),
         ("grad_accumulation", args.grad_accumulation)) if v is not None})
     profile = replace(profile, model=model, loss=loss, train=train)
     manifest = load_manifest(_manifest_path(args.data))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun the other ranks wait in cross_validate
+        prepare_vision_weights(profile, args.quiet)
     oof = cross_validate(profile, manifest, args.out, seed=args.seed, resume=args.resume,
                          quiet=args.quiet, cache_dir=args.cache)
     scores = classification_metrics(oof["label"], oof["p_bad"])
@@ -121,13 +128,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _table(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
     import pandas as pd
 
     from ichpro.config import get_profile
-    from ichpro.data import load_manifest
     from ichpro.experiments import TABLES, run_table, table_rows, write_table
+    from ichpro.manifest import load_manifest
 
     table_rows(args.name)  # an unknown name fails before any work
     if args.workers < 1:

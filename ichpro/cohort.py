@@ -73,10 +73,6 @@ HEMPHILL_MORTALITY = {0: 0.00, 1: 0.13, 2: 0.26, 3: 0.72, 4: 0.97, 5: 1.00, 6: 1
 #: Published 90-day functional independence (GOS >= 4) by FUNC band (Rost et al. 2008).
 ROST_INDEPENDENCE = {"0-4": 0.00, "5-7": 0.29, "8": 0.48, "9-10": 0.75, "11": 0.95}
 
-IMAGE_VISIBLE = ("location", "volume_ml", "ivh", "midline_shift_mm")
-REPORT_VISIBLE = ("age", "sex", "onset_to_ct_min", "hospital_stay_days", "gcs", "treatment",
-                  "position", "volume_ml")
-
 
 @dataclass(frozen=True)
 class OutcomeModel:
@@ -121,9 +117,6 @@ class OutcomeModel:
         """Exact P(GOS <= 3 | all variables): the all-variable oracle."""
         return expit(self.linear_predictor(t) - self.cut_bad)
 
-    def p_death30(self, t: pd.DataFrame) -> np.ndarray:
-        """Exact P(death within 30 days | all variables)."""
-        return expit(self.linear_predictor(t) - self.cut_death30)
 
 
 OUTCOME_MODEL = OutcomeModel()
@@ -462,6 +455,16 @@ def generate_cohort(spec: CohortSpec, out_dir: Path, *, seed: int | None = None,
     manifest.to_csv(out_dir / "manifest.csv", index=False, float_format="%.6g")
     _write_card(out_dir, spec, seed, n, images)
     return t
+
+
+def ensure_cohort(spec: str | Path, out_dir: Path, *, seed: int | None = None, n_patients: int | None = None,
+                  progress: bool = True) -> Path:
+    """Generate the cohort of the spec named ``spec`` into ``out_dir`` unless it is there already
+    (its manifest, written last, is); returns ``out_dir``."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "manifest.csv").is_file():
+        generate_cohort(load_spec(spec), out_dir, seed=seed, n_patients=n_patients, progress=progress)
+    return out_dir
 
 
 def _write_card(out_dir: Path, spec: CohortSpec, seed: int, n: int, images: bool) -> None:

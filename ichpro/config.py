@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from ichpro.errors import IchproError
 
@@ -16,6 +20,51 @@ PAPER_WINDOW = (15.0, 400.0)
 #: The common brain window, level 40 / width 80: HU in [0, 80].
 BRAIN_WINDOW = (0.0, 80.0)
 
+#: the command-line option of each config field a user sets there (named in the errors)
+CLI_OPTIONS = {"TrainConfig.epochs": "--epochs", "TrainConfig.n_folds": "--folds",
+               "TrainConfig.batch_size": "--batch-size", "TrainConfig.lr": "--lr",
+               "TrainConfig.grad_accumulation": "--grad-accumulation", "TrainConfig.device": "--device",
+               "TrainConfig.amp": "--amp", "ModelConfig.fusion": "--fusion", "LossConfig.terms": "--loss"}
+
+
+def _check(config: Any, name: str, valid: Callable[[Any], bool], allowed: str) -> None:
+    """Raise a one-sentence error naming the field (and its option) when ``valid`` rejects its value."""
+    value = getattr(config, name)
+    try:
+        ok = bool(valid(value))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        field_name = f"{type(config).__name__}.{name}"
+        option = f" ({CLI_OPTIONS[field_name]})" if field_name in CLI_OPTIONS else ""
+        raise IchproError(f"{field_name}{option} is {value!r}: {allowed}")
+
+
+def _choice(config: Any, name: str, choices: tuple) -> None:
+    _check(config, name, lambda v: v in choices, f"use one of {_listed(choices)}")
+
+
+def _listed(choices) -> str:
+    return ", ".join(map(str, choices))
+
+
+def _whole(low: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _wholes(n: int | None, low: int = 1) -> Callable[[Any], bool]:
+    """A tuple of ``n`` (any number if None, at least one) whole numbers >= ``low``."""
+    return lambda v: (isinstance(v, tuple) and len(v) == (n or len(v)) > 0
+                      and all(_whole(low)(x) for x in v))
+
+
+def _positive(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v) and v > 0
+
+
+def _share(v: Any) -> bool:
+    return isinstance(v, int | float) and 0 < v < 1
+
 
 @dataclass(frozen=True)
 class PreprocessConfig:
@@ -25,12 +74,18 @@ class PreprocessConfig:
     hu_window: tuple[float, float] = PAPER_WINDOW
     skull_strip: bool = True
     crop_to_brain: bool = True  # crop to the brain's bounding box before resizing
-    mean: float | None = None  # optional z-normalisation after windowing
-    std: float | None = None
+
+    def __post_init__(self):
+        _check(self, "spatial_size", _wholes(3, 4), "give three whole numbers >= 4 (slices, height, width)")
+        _check(self, "hu_window", lambda w: len(w) == 2 and w[0] < w[1],
+               "give (low, high) in Hounsfield units with low < high, e.g. (15, 400)")
 
 
 FUSION_STRUCTURES = ("self", "cross", "self-self", "cross-cross", "self-cross", "cross-self")
 MODALITIES = ("both", "vision", "text")  # Table 1: the fused model and each encoder alone
+TRT_KINDS = ("queries", "positional")
+VISION_DEPTHS = (10, 18, 34, 50, 101, 152, 200)  # MONAI's 3D ResNets
+COMPARATOR_SIZES = ("smoke", "cpu", "paper")
 
 
 @dataclass(frozen=True)
@@ -57,10 +112,53 @@ class ModelConfig:
     freeze_text: bool = False
     comparator: str | None = None  # train this comparator (ichpro.models.comparators) instead of ICHPro
     comparator_input: tuple[int, int, int] | None = None  # CT size comparators train on (None: the profile's)
+    comparator_size: str = "paper"  # the comparators' network sizes: smoke | cpu | paper
+
+    def __post_init__(self):
+        _choice(self, "vision_depth", VISION_DEPTHS)
+        _check(self, "vision_widths", _wholes(4), "give four whole numbers >= 1, e.g. (64, 128, 256, 512)")
+        _check(self, "text_layers", lambda v: v is None or _whole(1)(v), "use None (all layers) or >= 1")
+        _check(self, "max_tokens", _whole(8), "use a whole number >= 8, e.g. 128")
+        _choice(self, "trt", TRT_KINDS)
+        _check(self, "dim", _whole(1), "use a whole number >= 1, e.g. 256")
+        _check(self, "grid", _wholes(3), "give three whole numbers >= 1, e.g. (2, 8, 8)")
+        _check(self, "cmaf_pool", lambda v: v is None or _wholes(3)(v),
+               "use None or three whole numbers >= 1")
+        _check(self, "heads", lambda v: _whole(1)(v) and self.dim % v == 0,
+               f"use a whole number >= 1 that divides the fusion width dim = {self.dim}")
+        _choice(self, "fusion", FUSION_STRUCTURES)
+        _choice(self, "modality", MODALITIES)
+        _check(self, "header_blocks", _wholes(None), "give whole numbers >= 1, e.g. (6, 12, 24, 16)")
+        _check(self, "header_growth", _whole(1), "use a whole number >= 1, e.g. 32")
+        _check(self, "comparator_input", lambda v: v is None or _wholes(3, 4)(v),
+               "use None or three whole numbers >= 4")
+        _choice(self, "comparator_size", COMPARATOR_SIZES)
 
 
 MLM_VOCABULARIES = ("full", "reports")
 CALIBRATIONS = ("none", "platt")  # TrainConfig.calibration (ichpro.calibration)
+LR_SCHEDULES = ("constant", "cosine")
+AMP_MODES = ("auto", "bf16", "fp16", "off")
+#: loss-term names (their functions: ichpro.losses); the supervised ones train the prognosis head
+LOSS_TERMS = ("ce", "imima", "sdm", "mlm", "blend", "cmpm", "cmfa")
+SUPERVISED_TERMS = ("ce", "blend")
+
+
+
+def loss_terms(terms) -> tuple[tuple[str, float], ...]:
+    """Loss terms as (name, float weight) pairs, checked: known names, each once, finite weights >= 0."""
+    if not terms:
+        raise IchproError(f"no loss terms given (--loss); choose some of {_listed(LOSS_TERMS)}")
+    seen: set[str] = set()
+    for name, weight in terms:
+        if name not in LOSS_TERMS:
+            raise IchproError(f"unknown loss term {name!r} (--loss); choose among {_listed(LOSS_TERMS)}")
+        if name in seen:
+            raise IchproError(f"loss term {name!r} is given twice (--loss)")
+        if not (_positive(weight) or weight == 0):
+            raise IchproError(f"weight of loss term {name!r} (--loss) must be finite and >= 0, got {weight}")
+        seen.add(name)
+    return tuple((name, float(weight)) for name, weight in terms)
 
 
 @dataclass(frozen=True)
@@ -74,9 +172,14 @@ class LossConfig:
     mlm_vocabulary: str = "full"  # MLM softmax over: full (the encoder's vocabulary) | reports (their words)
 
     def __post_init__(self):
-        if self.mlm_vocabulary not in MLM_VOCABULARIES:
-            raise IchproError(f"unknown mlm_vocabulary {self.mlm_vocabulary!r}; choose one of "
-                              f"{', '.join(MLM_VOCABULARIES)}")
+        object.__setattr__(self, "terms", loss_terms(self.terms))
+        _check(self, "terms", lambda t: any(n in SUPERVISED_TERMS and w > 0 for n, w in t),
+               f"the prognosis head learns only from {' or '.join(SUPERVISED_TERMS)}: give one of them "
+               "a weight > 0, e.g. 'ce=1,sdm=0.5'")
+        _check(self, "temperature", _positive, "use a temperature > 0, e.g. 0.07")
+        _check(self, "mlm_probability", _share, "use a share between 0 and 1, e.g. 0.15")
+        _check(self, "mlm_variants", _whole(1), "use a whole number >= 1, e.g. 4")
+        _choice(self, "mlm_vocabulary", MLM_VOCABULARIES)
 
 
 @dataclass(frozen=True)
@@ -97,9 +200,19 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def __post_init__(self):
-        if self.calibration not in CALIBRATIONS:
-            raise IchproError(f"unknown calibration {self.calibration!r}; choose one of "
-                              f"{', '.join(CALIBRATIONS)}")
+        _check(self, "epochs", _whole(1), "use a whole number >= 1, e.g. 12")
+        _check(self, "batch_size", _whole(1), "use a whole number >= 1, e.g. 16")
+        _check(self, "lr", _positive, "use a learning rate > 0, e.g. 1e-3")
+        _check(self, "weight_decay", lambda v: v == 0 or _positive(v), "use a weight decay >= 0")
+        _check(self, "n_folds", _whole(2), "use at least 2 folds, e.g. 5")
+        _check(self, "val_fraction", _share, "use a share between 0 and 1, e.g. 0.2")
+        _check(self, "patience", lambda v: v is None or _whole(1)(v), "use None (no early stop) or >= 1")
+        _choice(self, "lr_schedule", LR_SCHEDULES)
+        _check(self, "grad_accumulation", _whole(1), "use a whole number >= 1, e.g. 1")
+        _choice(self, "calibration", CALIBRATIONS)
+        _choice(self, "amp", AMP_MODES)
+        _check(self, "device", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v),
+               "use auto, cpu, cuda or cuda:N")
 
 
 @dataclass(frozen=True)
@@ -113,6 +226,14 @@ class PretrainConfig:
     lr: float = 3e-3
     held_out: float = 0.2  # share of the pretraining cohort kept for Dice and volume MAE
     volume_weight: float = 0.5
+
+    def __post_init__(self):
+        _check(self, "n_patients", _whole(4), "use a whole number >= 4, e.g. 96")
+        _check(self, "epochs", _whole(1), "use a whole number >= 1, e.g. 6")
+        _check(self, "batch_size", _whole(1), "use a whole number >= 1, e.g. 8")
+        _check(self, "lr", _positive, "use a learning rate > 0, e.g. 3e-3")
+        _check(self, "held_out", _share, "use a share between 0 and 1, e.g. 0.2")
+        _check(self, "volume_weight", lambda v: v == 0 or _positive(v), "use a weight >= 0, e.g. 0.5")
 
 
 @dataclass(frozen=True)
@@ -136,7 +257,7 @@ PROFILES: dict[str, Profile] = {
         model=ModelConfig(vision_depth=10, vision_widths=(8, 16, 32, 64), vision_no_max_pool=True,
                           text_encoder="tiny", dim=32, grid=(2, 4, 4), heads=4,
                           header_blocks=(2, 2, 2, 2), header_growth=8, freeze_vision=True,
-                          freeze_text=True, comparator_input=(16, 32, 32)),
+                          freeze_text=True, comparator_input=(16, 32, 32), comparator_size="smoke"),
         loss=LossConfig(mlm_vocabulary="reports"),
         train=TrainConfig(epochs=4, batch_size=8, lr=1e-4, lr_schedule="cosine", calibration="platt"),
         pretrain=PretrainConfig(n_patients=48, epochs=4),
@@ -150,7 +271,8 @@ PROFILES: dict[str, Profile] = {
         model=ModelConfig(vision_depth=18, vision_widths=(16, 32, 64, 128), vision_no_max_pool=True,
                           text_encoder="minilm", text_layers=5, dim=64, grid=(2, 4, 4),
                           cmaf_pool=(1, 1, 1), heads=8, header_blocks=(2, 4, 8, 4), header_growth=16,
-                          freeze_vision=True, freeze_text=True, comparator_input=(16, 32, 32)),
+                          freeze_vision=True, freeze_text=True, comparator_input=(16, 32, 32),
+                          comparator_size="cpu"),
         loss=LossConfig(mlm_vocabulary="reports"),
         train=TrainConfig(epochs=12, batch_size=16, lr=1e-3, patience=4, lr_schedule="cosine",
                           calibration="platt"),

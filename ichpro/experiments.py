@@ -29,15 +29,18 @@ from scipy.special import expit, logit
 from scipy.stats import spearmanr
 from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, mean_absolute_error, r2_score
 
+from ichpro.clinical import clinical_fields
 from ichpro.config import Profile
 from ichpro.data import config_hash
 from ichpro.errors import IchproError
 from ichpro.losses import parse_loss_spec
+from ichpro.manifest import haematoma_volumes
 from ichpro.metrics import classification_metrics, delong_test, metrics_table
 from ichpro.paper import reported_tables
-from ichpro.pretrain import ensure_pretrained
+from ichpro.plots import plot_table_auc, save_figure
 from ichpro.reports import drop_field
-from ichpro.train import OOF_FILE, cross_validate, resolve_device
+from ichpro.runtime import resolve_device
+from ichpro.train import OOF_FILE, cross_validate, prepare_vision_weights
 
 TABLE_METRICS = ("accuracy", "recall", "precision", "f1", "auc")
 #: the oracle probability column of truth.csv that bounds a row, by the inputs the row sees
@@ -51,7 +54,7 @@ class Row:
 
     name: str
     paper: str | None = None  # the paper's row label in paper_tables.csv (None: not in the paper)
-    inputs: str = "all"  # key of CEILINGS
+    ceiling: str = "all"  # key of CEILINGS: the oracle bounding the inputs the row sees
     model: dict = field(default_factory=dict)  # ModelConfig fields to replace
     loss: str | None = None  # loss spec ("ce,imima"); None keeps the profile's (VTMF)
     train: dict = field(default_factory=dict)  # TrainConfig fields to replace
@@ -170,6 +173,8 @@ def train_rows(jobs: list[tuple[Row, int]], profile: Profile, manifest: pd.DataF
     todo = [(row, s) for row, s in jobs if not (folders[row.name, s] / OOF_FILE).is_file()]
     options = {"profile": profile, "manifest": manifest, "resume": resume, "cache_dir": cache_dir,
                "train": train}
+    for trained in {row_profile(profile, row) for row, _ in todo}:  # once, before any worker starts
+        prepare_vision_weights(trained, quiet)
     if workers <= 1 or len(todo) <= 1:
         for i, (row, s) in enumerate(todo, 1):
             if not quiet:
@@ -177,8 +182,6 @@ def train_rows(jobs: list[tuple[Row, int]], profile: Profile, manifest: pd.DataF
                       f"{folders[row.name, s]}", flush=True)
             _train_row(row, s, folders[row.name, s], quiet=quiet or not sys.stderr.isatty(), **options)
         return
-    for trained in {row_profile(profile, row) for row, _ in todo}:  # before the workers: each would pretrain
-        ensure_pretrained(trained, quiet)
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(threads,)) as pool:
@@ -245,7 +248,7 @@ def summarize(rows: list[Row], predictions: dict[str, pd.DataFrame], paper_table
         line["delong_p"] = np.nan
         if reference is not None and row is not reference:
             line["delong_p"] = paired_auc(predictions, row.name, reference.name)[2]
-        line["ceiling_auc"] = _ceiling(truth, oof, row.inputs)
+        line["ceiling_auc"] = _ceiling(truth, oof, row.ceiling)
         lines.append(line)
     return pd.DataFrame(lines)
 
@@ -307,9 +310,9 @@ def _paper_rows(paper_table: str | None) -> dict[str, dict[str, float]]:
             for r in table.to_dict("records")}
 
 
-def _ceiling(truth: pd.DataFrame | None, oof: pd.DataFrame, inputs: str) -> float:
+def _ceiling(truth: pd.DataFrame | None, oof: pd.DataFrame, key: str) -> float:
     """AUC of the oracle for the row's inputs on the same patients (NaN without a truth table)."""
-    column = CEILINGS[inputs]
+    column = CEILINGS[key]
     if truth is None or column not in truth:
         return np.nan
     oracle = truth.set_index("patient_id").loc[oof["patient_id"], column].to_numpy()
@@ -374,11 +377,8 @@ def auxiliary_metrics(predictions: dict[str, pd.DataFrame], manifest: pd.DataFra
 
     GCS (ordinal classes 13-15 / 9-12 / 3-8, or binary <= 8): balanced accuracy and quadratic-weighted
     kappa; binary GCS and age >= 80 also AUC; haematoma volume: MAE (mL) and R^2 against the true
-    volume (:func:`ichpro.data.haematoma_volumes`). Rows without auxiliary predictions are skipped.
+    volume (:func:`ichpro.manifest.haematoma_volumes`). Rows without auxiliary predictions are skipped.
     """
-    from ichpro.clinical import clinical_fields
-    from ichpro.data import haematoma_volumes
-
     truth = clinical_fields(manifest).assign(patient_id=manifest["patient_id"].astype(str).to_numpy())
     truth = truth.set_index("patient_id")
     volumes = None
@@ -503,8 +503,6 @@ def _seed_ranges_apart(t: pd.DataFrame, a: str, b: str) -> bool:
 
 def write_table(table: pd.DataFrame, path_stem: str | Path, title: str) -> list[Path]:
     """Write ``<stem>.csv``, ``<stem>.md`` and the AUC figure ``<stem>.png``; returns the paths."""
-    from ichpro.plots import plot_table_auc, save_figure
-
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(stem.with_suffix(".csv"), index=False, float_format="%.4f")

@@ -8,8 +8,7 @@ leave it as they found it: train/eval mode, ``requires_grad`` flags and paramete
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 
@@ -19,17 +18,15 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import InvertibleTransform
 from monai.utils import TraceKeys
-from monai.visualize import GradCAM
-from monai.visualize.visualizer import default_upsampler
 from scipy import ndimage
-from torch import nn
 
 from ichpro.cohort import OUTCOME_MODEL
 from ichpro.config import PreprocessConfig
-from ichpro.data import load_manifest, preprocess_steps, preprocess_transforms
+from ichpro.data import preprocess_steps, preprocess_transforms
 from ichpro.errors import IchproError
-from ichpro.models import ICHPro
-from ichpro.models.ichpro import ICHProOutput
+from ichpro.gradcam import explaining, grad_cam
+from ichpro.manifest import load_manifest
+from ichpro.models import ICHPro, ModelOutput
 from ichpro.predict import TrainedRun, read_report
 from ichpro.reports import Report, parse, render
 from ichpro.text import tokenize
@@ -38,101 +35,11 @@ GRAD_CAM = "grad_cam"  # method name of Grad-CAM in the localisation table
 MEASURES = ("mass_inside", "volume_share", "ratio", "pointing_hit")
 
 
-@contextlib.contextmanager
-def _explaining(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside; on exit every module's mode and every parameter's gradient as before."""
-    modes = [(module, module.training) for module in model.modules()]
-    grads = [(p, p.grad) for p in model.parameters()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
-        for p, grad in grads:
-            p.grad = grad
-
-
 # --------------------------------------------------------------------------------------------
 # Grad-CAM and attention maps
 
 
-class _BadOutcome(nn.Module):
-    """CT -> logits of ``model`` for a fixed report, as MONAI's GradCAM calls a network.
-
-    GradCAM hooks ``features``, a throwaway identity on ``vision.resnet.layer4``'s output (MONAI
-    never removes its hooks, so none go on the model). That output is made a leaf requiring a
-    gradient: the backward pass stops there, whether or not the vision encoder is frozen.
-    """
-
-    def __init__(self, model: ICHPro):
-        super().__init__()
-        self.model = model
-        self.features = nn.Identity()
-
-    def forward(self, ct: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                ) -> torch.Tensor:
-        with torch.no_grad():
-            layer4 = self.model.vision(ct)
-        features = self.features(layer4.requires_grad_(True))
-        return self.model(attention_mask, vision_features=features, input_ids=input_ids).logits
-
-
-class _ComparatorBadOutcome(nn.Module):
-    """CT -> logits of a comparator with a shared ``encoder`` and ``from_features`` heads
-    (:class:`~ichpro.models.comparators.JointQuantification`), hooked like :class:`_BadOutcome`."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.features = nn.Identity()
-
-    def forward(self, ct: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            maps = self.model.encoder(ct)
-        return self.model.from_features(self.features(maps.requires_grad_(True))).logits
-
-
-def _per_patient_max(maps: torch.Tensor) -> torch.Tensor:
-    """Divide each patient's map by its maximum (an all-zero map stays zero)."""
-    peak = maps.flatten(1).amax(dim=1).reshape(-1, *[1] * (maps.dim() - 1))
-    return maps / torch.where(peak > 0, peak, torch.ones_like(peak))
-
-
-def grad_cam(model: ICHPro, batch: Mapping[str, torch.Tensor], target_class: int = 1) -> torch.Tensor:
-    """Grad-CAM of ``target_class`` (1 = bad outcome) on the vision encoder's last block; (B, D, H, W).
-
-    MONAI's GradCAM: ReLU(sum_k alpha_k A_k) with A_k the k-th channel of ``layer4``'s output and
-    alpha_k the mean over positions of d logit / d A_k, the gradient flowing through the whole model
-    (fusion with the report, header). Up-sampled trilinearly to the input and divided by each
-    patient's maximum, so it lies in [0, 1] and keeps its zero.
-    """
-    with _explaining(model):
-        network = _BadOutcome(model).eval()
-        cam = GradCAM(network, target_layers="features", upsampler=default_upsampler,
-                      postprocessing=_per_patient_max)
-        maps = cam(batch["ct"], class_idx=target_class, input_ids=batch["input_ids"],
-                   attention_mask=batch["attention_mask"])
-    return maps.detach()[:, 0]
-
-
-def comparator_grad_cam(model: nn.Module, ct: torch.Tensor, target_class: int = 1) -> torch.Tensor:
-    """Grad-CAM of ``target_class`` on the last block of a comparator's shared 3D encoder; (B, D, H, W).
-
-    For comparators with ``encoder`` and ``from_features`` (the joint quantification model and its
-    single-task version); normalised per patient like :func:`grad_cam`.
-    """
-    if not (hasattr(model, "encoder") and hasattr(model, "from_features")):
-        raise IchproError(f"{type(model).__name__} has no shared encoder with from_features heads: "
-                          "comparator Grad-CAM needs a JointQuantification model")
-    with _explaining(model):
-        cam = GradCAM(_ComparatorBadOutcome(model).eval(), target_layers="features",
-                      upsampler=default_upsampler, postprocessing=_per_patient_max)
-        maps = cam(ct, class_idx=target_class)
-    return maps.detach()[:, 0]
-
-
-def _volumes(out: ICHProOutput, size: tuple[int, int, int], names: Sequence[str] | None
+def _volumes(out: ModelOutput, size: tuple[int, int, int], names: Sequence[str] | None
              ) -> dict[str, torch.Tensor]:
     """The named attention maps of a forward pass on the input grid (all of them by default)."""
     names = list(out.attentions) if names is None else list(names)
@@ -143,16 +50,16 @@ def _volumes(out: ICHProOutput, size: tuple[int, int, int], names: Sequence[str]
     return {name: out.attention_volume(name, size) for name in names}
 
 
-def _output(model: ICHPro, batch: Mapping[str, torch.Tensor]) -> ICHProOutput:
+def _output(model: ICHPro, batch: Mapping[str, torch.Tensor]) -> ModelOutput:
     """One forward pass in eval mode, without gradients."""
-    with _explaining(model), torch.no_grad():
-        return model(**batch)
+    with explaining(model), torch.no_grad():
+        return model(batch)
 
 
 def attention_maps(model: ICHPro, batch: Mapping[str, torch.Tensor], names: Sequence[str] | None = None
                    ) -> dict[str, torch.Tensor]:
     """Each fusion attention map on the input grid: name -> (B, D, H, W), each voxel holding the
-    share of attention its grid cell receives (see ``ICHProOutput.attention_volume``)."""
+    share of attention its grid cell receives (see ``ModelOutput.attention_volume``)."""
     return _volumes(_output(model, batch), tuple(batch["ct"].shape[2:]), names)
 
 

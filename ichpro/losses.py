@@ -40,10 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ichpro.config import LossConfig
+from ichpro.config import LossConfig, loss_terms
 from ichpro.errors import IchproError
 
-TERMS = ("ce", "imima", "sdm", "mlm", "blend", "cmpm", "cmfa")
 #: CLI shorthand for ICHPro's own loss.
 VTMF = LossConfig().terms  # CE + IMIMA + SDM + MLM, all weights 1
 
@@ -119,6 +118,11 @@ def info_nce(anchor: torch.Tensor, positive: torch.Tensor, temperature: float) -
     return F.cross_entropy(logits, torch.arange(len(anchor), device=anchor.device))
 
 
+def symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The mean of InfoNCE from ``a`` to ``b`` and from ``b`` to ``a``."""
+    return (info_nce(a, b, temperature) + info_nce(b, a, temperature)) / 2
+
+
 @_float32
 def supervised_contrastive(emb: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
     """SupCon (L_out) within one modality; anchors without a same-label partner are skipped."""
@@ -138,7 +142,7 @@ def imima_loss(vision: torch.Tensor, text: torch.Tensor, labels: torch.Tensor, t
                mix_logits: torch.Tensor) -> torch.Tensor:
     """IMIMA: softmax(mix_logits)-weighted sum of inter-modal InfoNCE and intra-modal SupCon."""
     _check_pair(vision, text, labels)
-    inter = (info_nce(vision, text, temperature) + info_nce(text, vision, temperature)) / 2
+    inter = symmetric_info_nce(vision, text, temperature)
     intra = (supervised_contrastive(vision, labels, temperature)
              + supervised_contrastive(text, labels, temperature)) / 2
     weights = F.softmax(mix_logits, dim=0)
@@ -220,22 +224,6 @@ def blend_loss(fused_logits: torch.Tensor, vision_logits: torch.Tensor, text_log
     return sum(w * ce_loss(logits, labels) for w, logits in zip(weights, heads, strict=True))
 
 
-def _validate_terms(terms: Sequence[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
-    """Check names and weights of loss terms; return them as a tuple of (name, float weight)."""
-    if not terms:
-        raise IchproError(f"no loss terms given; choose some of {', '.join(TERMS)}")
-    seen: set[str] = set()
-    for name, weight in terms:
-        if name not in TERMS:
-            raise IchproError(f"unknown loss term {name!r}; choose among {', '.join(TERMS)}")
-        if name in seen:
-            raise IchproError(f"loss term {name!r} is given twice")
-        if not math.isfinite(weight) or weight < 0:
-            raise IchproError(f"weight of loss term {name!r} must be finite and >= 0, got {weight}")
-        seen.add(name)
-    return tuple((name, float(weight)) for name, weight in terms)
-
-
 def _format(terms: Sequence[tuple[str, float]]) -> str:
     """Loss terms in the CLI syntax, e.g. "ce=1,sdm=0.5"."""
     return ",".join(f"{name}={weight:g}" for name, weight in terms)
@@ -247,7 +235,7 @@ class CompositeLoss(nn.Module):
     def __init__(self, terms: Mapping[str, float] | Sequence[tuple[str, float]], temperature: float = 0.07):
         super().__init__()
         pairs = list(terms.items()) if isinstance(terms, Mapping) else list(terms)
-        self.terms = _validate_terms(pairs)
+        self.terms = loss_terms(pairs)
         if not temperature > 0:
             raise IchproError(f"loss temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
@@ -263,16 +251,6 @@ class CompositeLoss(nn.Module):
     def names(self) -> tuple[str, ...]:
         """Names of the terms, in order."""
         return tuple(name for name, _ in self.terms)
-
-    @property
-    def needs_mlm(self) -> bool:
-        """Whether the model must produce MLM logits."""
-        return "mlm" in self.names
-
-    @property
-    def needs_unimodal_heads(self) -> bool:
-        """Whether the model must produce vision-only and text-only logits."""
-        return "blend" in self.names
 
     def extra_repr(self) -> str:
         """Terms and temperature, for print(module)."""
@@ -330,4 +308,4 @@ def parse_loss_spec(spec: str) -> tuple[tuple[str, float], ...]:
         except ValueError:
             raise IchproError(f"bad loss spec {spec!r}: weight of {name!r} is {weight!r}, "
                               f"not a number; write e.g. '{name}=0.5'") from None
-    return _validate_terms(terms)
+    return loss_terms(terms)

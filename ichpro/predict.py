@@ -1,46 +1,59 @@
-"""Predict one patient with a trained run: the average of its fold models, plus an attention map.
+"""Predict one patient with a trained run: the average of its fold models, plus a heat map.
 
 A run folder (written by ``ichpro train``) is self-contained: ``run.json`` holds the config and
 seed, ``text_encoder/`` the tiny encoder when one was used, ``fold{k}/best.safetensors`` each fold's
-selected weights and ``fold{k}/calibration.json`` its recalibration (:mod:`ichpro.calibration`).
-Frozen encoders are rebuilt exactly as in training (same seed, same weights file).
+selected weights (with what the model fitted on its training patients, such as a comparator's
+clinical standardization) and ``fold{k}/calibration.json`` its recalibration
+(:mod:`ichpro.calibration`). Frozen encoders are rebuilt exactly as in training (same seed, same
+weights file). Every trainable model predicts: ICHPro and the comparators alike.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import nibabel as nib
 import numpy as np
+import pandas as pd
 import torch
 
+from ichpro.batches import BatchSource
 from ichpro.calibration import IDENTITY, PlattScaling, margin
+from ichpro.checkpoints import load_weights
+from ichpro.clinical import CLINICAL_BASELINES
 from ichpro.config import Profile, profile_from_dict
-from ichpro.data import preprocess_transforms
 from ichpro.errors import IchproError
-from ichpro.models import ICHPro
-from ichpro.models.ichpro import ICHProOutput
-from ichpro.text import TextBackbone, load_text_backbone, tokenize
-from ichpro.train import CALIBRATION_FILE, fresh_model, load_weights
+from ichpro.gradcam import grad_cam
+from ichpro.models import ModelOutput, PrognosisModel
+from ichpro.plots import save_figure
+from ichpro.text import TextBackbone, load_text_backbone
+from ichpro.train import CALIBRATION_FILE, encoders_profile, fresh_model
+
+#: the heat map of a model with fusion attention maps (ICHPro); a model without any gets Grad-CAM
+DEFAULT_ATTENTION = "stage1_cmaf_text_to_vision"
 
 
 @dataclass
 class TrainedRun:
     """A run's profile, its text encoder and one model per fold (in eval mode), each with the
-    recalibration of its P(bad) (none given: the softmax)."""
+    recalibration of its P(bad) (none given: the softmax), and the run's seed."""
 
     profile: Profile
     text: TextBackbone
-    models: list[ICHPro]
+    models: list[PrognosisModel]
     calibrations: list[PlattScaling] = field(default_factory=list)
+    seed: int = 0
 
     def fold(self, k: int) -> TrainedRun:
         """The run reduced to its ``k``-th fold model."""
         return replace(self, models=self.models[k:k + 1], calibrations=self.calibrations[k:k + 1])
 
-    def p_bad_per_fold(self, outputs: Sequence[ICHProOutput]) -> list[float]:
+    def p_bad_per_fold(self, outputs: Sequence[ModelOutput]) -> list[float]:
         """P(bad outcome) of the first patient from each fold model's output (in fold order)."""
         scalings = self.calibrations or [IDENTITY] * len(self.models)
         return [float(s.p_bad(margin(out.logits[:1]).numpy())[0])
@@ -54,7 +67,8 @@ class Prediction:
     p_bad: float  # mean over the fold models
     p_bad_per_fold: list[float]
     ct: np.ndarray  # the preprocessed model input (D, H, W)
-    attention: np.ndarray | None  # each voxel's grid-cell share of attention, on the input grid (D, H, W)
+    heatmap: np.ndarray | None  # on the input grid (D, H, W), mean over the fold models
+    heatmap_name: str  # the attention map's name, "grad_cam", or why there is none
 
 
 def load_run(run_dir: str | Path) -> TrainedRun:
@@ -65,6 +79,9 @@ def load_run(run_dir: str | Path) -> TrainedRun:
         raise IchproError(f"{run_dir} is not a run folder (no run.json); train one with ichpro train")
     record = json.loads(record_path.read_text())
     profile, seed = profile_from_dict(record["config"]), record["seed"]
+    if profile.model.comparator in CLINICAL_BASELINES:
+        raise IchproError(f"{run_dir} holds the clinical baseline {profile.model.comparator!r}: its "
+                          "out-of-fold predictions are all there is (no model to load)")
     text = load_text_backbone(profile.model.text_encoder, save_dir=run_dir / "text_encoder", seed=seed)
     checkpoints = sorted(run_dir.glob("fold*/best.safetensors"))
     if not checkpoints:
@@ -75,7 +92,7 @@ def load_run(run_dir: str | Path) -> TrainedRun:
         load_weights(path, model)
         models.append(model.eval())
     calibrations = [PlattScaling.load(path.with_name(CALIBRATION_FILE)) for path in checkpoints]
-    return TrainedRun(profile, text, models, calibrations)
+    return TrainedRun(profile, text, models, calibrations, seed)
 
 
 def read_report(report: str) -> str:
@@ -87,46 +104,67 @@ def read_report(report: str) -> str:
     return text
 
 
-@torch.no_grad()
-def predict_patient(run: TrainedRun, ct_path: str | Path, report: str,
-                    attention_map: str = "stage1_cmaf_text_to_vision") -> Prediction:
-    """P(bad outcome) of one patient (CT file or DICOM folder + report text or file)."""
+def patient_batch(run: TrainedRun, ct_path: str | Path, report: str
+                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The one-patient batch the run's models read, made as in training
+    (:class:`~ichpro.batches.BatchSource`), and the preprocessed CT (1, 1, D, H, W)."""
     if not Path(ct_path).exists():
         raise IchproError(f"CT {ct_path} not found; give a NIfTI file or a DICOM series folder")
-    ct = preprocess_transforms(run.profile.preprocess)({"ct": str(ct_path)})["ct"]
-    batch = tokenize(run.text.tokenizer, [read_report(report)], run.profile.model.max_tokens)
-    batch["ct"] = ct[None]
-    outputs = [model(**batch) for model in run.models]
-    per_fold = run.p_bad_per_fold(outputs)
-    attention = None
+    manifest = pd.DataFrame({"patient_id": ["patient"], "ct_path": [str(ct_path)],
+                             "report": [read_report(report)], "label": [0]})
+    cpu = torch.device("cpu")
+    with tempfile.TemporaryDirectory(prefix="ichpro-predict-") as cache:  # the CT is preprocessed once
+        source = BatchSource(manifest, run.profile, run.text, cache_dir=Path(cache))
+        source.prepare(run.models[0], lambda: fresh_model(encoders_profile(run.profile), run.text, run.seed),
+                       cpu, run.seed, with_targets=False, quiet=True)
+        return source.batch([0], cpu), source.cts([0])
+
+
+@torch.no_grad()
+def predict_patient(run: TrainedRun, ct_path: str | Path, report: str,
+                    attention_map: str = DEFAULT_ATTENTION) -> Prediction:
+    """P(bad outcome) of one patient (CT file or DICOM folder + report text or file) and a heat map:
+    the fusion attention map ``attention_map`` where the model has it, else Grad-CAM where the model
+    names a layer for it."""
+    batch, ct = patient_batch(run, ct_path, report)
+    outputs = [model(batch) for model in run.models]
+    size = tuple(ct.shape[2:])
+    heatmap, name = None, f"none: the model has no attention map {attention_map!r} and no Grad-CAM layer"
     if attention_map in outputs[0].attentions:
-        size = tuple(ct.shape[1:])
-        attention = np.mean([out.attention_volume(attention_map, size)[0].numpy() for out in outputs],
-                            axis=0)
-    return Prediction(float(np.mean(per_fold)), per_fold, ct[0].numpy(), attention)
+        heatmap = np.mean([out.attention_volume(attention_map, size)[0].numpy() for out in outputs], axis=0)
+        name = attention_map
+    elif run.models[0].gradcam_layer is not None:
+        with torch.enable_grad():
+            heatmap = np.mean([grad_cam(model, batch, size)[0].numpy() for model in run.models], axis=0)
+        name = "grad_cam"
+    per_fold = run.p_bad_per_fold(outputs)
+    return Prediction(float(np.mean(per_fold)), per_fold, ct[0, 0].numpy(), heatmap, name)
 
 
 def save_heatmap(prediction: Prediction, out_prefix: Path) -> tuple[Path, Path]:
-    """Write the attention map as NIfTI (model-input grid, 1 mm voxels) and a PNG overlay."""
-    import matplotlib.pyplot as plt
-    import nibabel as nib
-
-    from ichpro.plots import save_figure
-
-    if prediction.attention is None:
-        raise IchproError("this model has no such attention map; choose one of the fusion's maps")
+    """Write the heat map as NIfTI (model-input grid, 1 mm voxels) and a PNG overlay of its
+    strongest slice: ``<prefix>_attention.*`` for an attention map, ``<prefix>_grad_cam.*`` for
+    Grad-CAM."""
+    if prediction.heatmap is None:
+        raise IchproError(f"no heat map to save ({prediction.heatmap_name})")
+    gradcam = prediction.heatmap_name == "grad_cam"
+    kind = "grad_cam" if gradcam else "attention"
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
-    nifti = out_prefix.with_name(out_prefix.name + "_attention.nii.gz")
+    nifti = out_prefix.with_name(f"{out_prefix.name}_{kind}.nii.gz")
     # model axes (D, H, W) = (superior, posterior, left): store as (x, y, z) = (W, H, D)
-    nib.save(nib.Nifti1Image(prediction.attention.transpose(2, 1, 0).astype(np.float32), np.eye(4)),
-             nifti)
-    k = int(prediction.attention.sum(axis=(1, 2)).argmax())
+    nib.save(nib.Nifti1Image(prediction.heatmap.transpose(2, 1, 0).astype(np.float32), np.eye(4)), nifti)
+    k = int(prediction.heatmap.sum(axis=(1, 2)).argmax())
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.imshow(prediction.ct[k], cmap="gray", vmin=0, vmax=0.25)
-    attention = prediction.attention[k] / prediction.attention.mean()
-    ax.imshow(attention, cmap="coolwarm", vmin=0, vmax=2, alpha=0.5)
-    ax.set_title(f"P(bad) {prediction.p_bad:.2f}; attention / uniform, slice {k}", fontsize=9)
+    if gradcam:  # in [0, 1], 1 at the patient's maximum
+        ax.imshow(prediction.heatmap[k], cmap="inferno", vmin=0, vmax=1, alpha=0.5)
+        title = f"P(bad) {prediction.p_bad:.2f}; Grad-CAM, slice {k}"
+    else:  # shares of attention: 1 = uniform
+        ax.imshow(prediction.heatmap[k] / prediction.heatmap.mean(), cmap="coolwarm", vmin=0, vmax=2,
+                  alpha=0.5)
+        title = f"P(bad) {prediction.p_bad:.2f}; attention / uniform, slice {k}"
+    ax.set_title(title, fontsize=9)
     ax.axis("off")
-    png = save_figure(fig, out_prefix.with_name(out_prefix.name + "_attention.png"))
+    png = save_figure(fig, out_prefix.with_name(f"{out_prefix.name}_{kind}.png"))
     return nifti, png

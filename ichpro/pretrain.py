@@ -27,10 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ichpro.checkpoints import load_optimizer, load_weights, save_optimizer, save_weights, write_json
+from ichpro.cohort import ensure_cohort
 from ichpro.config import PretrainConfig, Profile, cache_root
 from ichpro.data import config_hash, preprocess_transforms
 from ichpro.errors import IchproError
 from ichpro.models.encoders import VisionEncoder
+from ichpro.runtime import cosine_lr
 
 PRETRAIN_VERSION = 2
 WEIGHTS_FILE = "vision.safetensors"
@@ -110,14 +113,9 @@ def ensure_pretrained(profile: Profile, quiet: bool = False) -> None:
 
 def pretraining_cohort(profile: Profile, quiet: bool = False) -> Path:
     """Generate (once) the pretraining cohort: the profile's spec with the pretraining seed."""
-    from ichpro.cohort import generate_cohort, load_spec
-
     cfg = profile.pretrain
     folder = cache_root() / "cohorts" / f"{profile.cohort}-pretrain-{cfg.seed}-{cfg.n_patients}"
-    if not (folder / "truth.csv").is_file():
-        generate_cohort(load_spec(profile.cohort), folder, seed=cfg.seed, n_patients=cfg.n_patients,
-                        progress=not quiet)
-    return folder
+    return ensure_cohort(profile.cohort, folder, seed=cfg.seed, n_patients=cfg.n_patients, progress=not quiet)
 
 
 def load_examples(profile: Profile, cohort: Path, quiet: bool = False) -> dict[str, torch.Tensor]:
@@ -138,8 +136,6 @@ def load_examples(profile: Profile, cohort: Path, quiet: bool = False) -> dict[s
 def pretrain_vision(profile: Profile, out: str | Path, *, resume: bool = False, quiet: bool = False,
                     cohort: Path | None = None) -> dict:
     """Pretrain the profile's vision encoder into ``out``; returns the card (also written as JSON/MD)."""
-    from ichpro.train import cosine_lr, load_optimizer, load_weights, save_optimizer, save_weights, write_json
-
     cfg: PretrainConfig | None = profile.pretrain
     if cfg is None:
         raise IchproError(f"profile {profile.name!r} has no vision pretraining configured")

@@ -4,26 +4,24 @@
 from __future__ import annotations
 
 import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from monai.utils import set_determinism
 
+from ichpro.cohort import ensure_cohort
 from ichpro.config import REPO_ROOT, Profile, cache_root, get_profile
 from ichpro.errors import IchproError
+from ichpro.pretrain import ensure_pretrained
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 RUNS_DIR = REPO_ROOT / "runs"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in kernel tracebacks
-PROVENANCE_PACKAGES = ("ichpro", "torch", "monai", "transformers", "numpy", "pandas",
-                       "scikit-learn", "nibabel", "papermill")
 
 
 @dataclass(frozen=True)
@@ -46,22 +44,9 @@ class RunContext:
         return cache_root()
 
 
-def ensure_cohort(profile: Profile, data_dir: Path, progress: bool = True) -> Path:
-    """Generate the profile's synthetic cohort into ``data_dir`` unless it is already there."""
-    from ichpro.cohort import generate_cohort, load_spec
-
-    if not (data_dir / "manifest.csv").is_file():
-        generate_cohort(load_spec(profile.cohort), data_dir, progress=progress)
-    return data_dir
-
-
 def setup_notebook(profile: str = "smoke", data_dir: str = "", output_dir: str = "",
                    figures_dir: str = "", seed: int = 0) -> RunContext:
     """Resolve a notebook's parameters, seed everything, and make sure the cohort exists."""
-    from monai.utils import set_determinism
-
-    from ichpro.pretrain import ensure_pretrained
-
     prof = get_profile(profile)
     # absolute paths: the runner's kernels work in notebooks/, not in the caller's folder
     data = (Path(data_dir) if data_dir else REPO_ROOT / "data_synthetic" / prof.cohort).resolve()
@@ -69,41 +54,9 @@ def setup_notebook(profile: str = "smoke", data_dir: str = "", output_dir: str =
     figs = (Path(figures_dir) if figures_dir else out / "figures").resolve()
     figs.mkdir(parents=True, exist_ok=True)
     set_determinism(seed)
-    ensure_cohort(prof, data)
+    ensure_cohort(prof.cohort, data)
     ensure_pretrained(prof)
     return RunContext(prof, data, out, figs, seed)
-
-
-def versions() -> pd.DataFrame:
-    """Python, platform, git commit and the versions of the packages results depend on."""
-    rows = {"python": sys.version.split()[0], "platform": platform.platform(),
-            "cpu": f"{cpu_model()}, {os.cpu_count()} cores", "git commit": _git_commit()}
-    for name in PROVENANCE_PACKAGES:
-        try:
-            rows[name] = version(name)
-        except PackageNotFoundError:
-            rows[name] = "not installed"
-    return pd.DataFrame({"version": rows})
-
-
-def cpu_model() -> str:
-    """The processor's model name (CPU kernels round differently across processors)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def select_notebooks(only: list[str] | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -126,7 +79,7 @@ def run_notebooks(profile: str, only: list[str] | None = None, data_dir: str = "
     Executed copies go to ``<output_dir>/notebooks/``; a failing notebook's copy is kept
     there and an :class:`IchproError` carries the failing cell's error.
     """
-    import papermill as pm
+    import papermill as pm  # heavy (Jupyter's client machinery): only the runner needs it
 
     notebooks = select_notebooks(only, notebook_dir)
     ctx = setup_notebook(profile, data_dir, output_dir, figures_dir, seed)

@@ -24,6 +24,6 @@ def smoke_cohort(tmp_path_factory):
 @pytest.fixture(scope="session")
 def manifest(smoke_cohort):
     """The smoke cohort's validated manifest (shared: tests must not modify it in place)."""
-    from ichpro.data import load_manifest
+    from ichpro.manifest import load_manifest
 
     return load_manifest(smoke_cohort / "manifest.csv")

@@ -9,9 +9,9 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from ichpro.batches import BatchSource
 from ichpro.clinical import CLINICAL_BASELINES, clinical_baseline_cv, clinical_scores
 from ichpro.config import get_profile
-from ichpro.data import haematoma_volumes
 from ichpro.errors import IchproError, ManifestError
 from ichpro.experiments import (
     TABLES,
@@ -22,10 +22,14 @@ from ichpro.experiments import (
     table_rows,
     to_markdown,
 )
-from ichpro.explain import comparator_grad_cam
-from ichpro.models.comparators import COMPARATORS, build_comparator, measure_ct_file
+from ichpro.gradcam import grad_cam
+from ichpro.image_report import measure_ct_file
+from ichpro.manifest import haematoma_volumes
+from ichpro.models import PrognosisModel
+from ichpro.models.comparators import COMPARATORS, build_comparator
+from ichpro.predict import load_run, predict_patient, save_heatmap
 from ichpro.text import load_text_backbone
-from ichpro.train import BatchSource, cross_validate
+from ichpro.train import cross_validate, prepare_vision_weights
 
 SMOKE = get_profile("smoke")
 FAST = replace(SMOKE, train=replace(SMOKE.train, epochs=2, n_folds=3))
@@ -61,7 +65,7 @@ def test_table4_has_every_comparator_and_clinical_baseline_once():
 
 def test_unknown_comparator_is_refused_by_name():
     with pytest.raises(IchproError, match="unknown comparator 'resnet'.*densenet"):
-        build_comparator("resnet", "smoke")
+        build_comparator("resnet", SMOKE.model)
 
 
 def test_haematoma_volume_comes_from_the_mask_else_the_column(manifest, truth):
@@ -80,20 +84,34 @@ def test_template_measurements_find_the_side_and_volume_of_the_haematoma(manifes
         assert m["volume_ml"] == pytest.approx(truth["volume_ml"][i], rel=0.15, abs=1.0)
 
 
-def test_comparator_inputs_are_resized_and_clinical_uses_training_stats_only(manifest, cache):
+class Reader(PrognosisModel):
+    """A model that only declares what it reads."""
+
+    inputs = ("ct", "clinical", "image_text_ids", "image_text_mask")
+    targets = ("gcs", "age", "volume_ml")
+    ct_size = (16, 32, 32)
+
+
+def test_the_source_holds_what_a_model_declares_and_clinical_is_standardized_on_training_patients(
+        manifest, cache):
     profile = comparator_profile("vdafm")
     text = load_text_backbone("tiny", reports=manifest["report"].tolist(), seed=0)
     source = BatchSource(manifest, profile, text, cache)
-    source.load_comparator_inputs(("ct", "gcs", "age", "volume_ml", "image_text"), quiet=True)
-    train = np.arange(0, len(manifest), 2)
-    source.standardize_clinical(train)
+    source.prepare(Reader(), lambda: pytest.fail("no encoder output is read"), torch.device("cpu"), 0,
+                   quiet=True)
     batch = source.batch([0, 1, 2], torch.device("cpu"))
-    assert batch["ct"].shape == (3, 1, *profile.model.comparator_input)
+    assert batch["ct"].shape == (3, 1, *Reader.ct_size)
     assert batch["image_text_ids"].shape == batch["image_text_mask"].shape
     assert torch.equal(batch["gcs"], torch.tensor(manifest["gcs"][:3].to_numpy(), dtype=torch.float32))
-    clinical = source.features["clinical"]
+    model = build_comparator("vdafm", SMOKE.model)
+    train = np.arange(0, len(manifest), 2)
+    model.fit_training_patients(source.training_patients(train))
+    clinical = model.clinical(source.features["clinical"])
     assert clinical[train].mean(0).abs().max() < 1e-5  # centred on the training patients
     assert clinical[np.setdiff1d(np.arange(len(manifest)), train)].mean(0).abs().max() > 1e-3
+    without_targets = BatchSource(manifest, profile, text, cache)
+    without_targets.prepare(Reader(), None, torch.device("cpu"), 0, with_targets=False, quiet=True)
+    assert not {"gcs", "age", "volume_ml"} & set(without_targets.batch([0], torch.device("cpu")))
 
 
 def test_a_comparator_cross_validates_with_its_auxiliary_predictions(multitask_run, manifest):
@@ -103,7 +121,7 @@ def test_a_comparator_cross_validates_with_its_auxiliary_predictions(multitask_r
     assert set(oof["gcs_class"]) <= {0, 1, 2} and oof["p_age_ge80"].between(0, 1).all()
     metrics = pd.read_csv(run / "metrics.csv")
     assert {"train_ce", "train_gcs", "train_age"} <= set(metrics.columns)
-    expected = sum(p.numel() for p in build_comparator("densenet+ord_gcs+bin_age", "smoke").parameters())
+    expected = sum(p.numel() for p in build_comparator("densenet+ord_gcs+bin_age", SMOKE.model).parameters())
     assert json.loads((run / "parameters.json").read_text())["trainable"] == expected
 
 
@@ -118,13 +136,32 @@ def test_quantification_predicts_volumes_and_its_grad_cam_is_a_normalised_map(ma
     oof = cross_validate(comparator_profile("quantification"), manifest, tmp_path, quiet=True,
                          cache_dir=cache)
     assert (oof["volume_ml_pred"] >= 0).all()
-    model = build_comparator("quantification", "smoke").train()
+    model = build_comparator("quantification", SMOKE.model).train()
     ct = torch.rand(2, 1, 16, 32, 32)
-    maps = comparator_grad_cam(model, ct)
-    assert maps.shape == (2, 16, 32, 32) and maps.min() >= 0 and maps.amax(dim=(1, 2, 3)).le(1 + 1e-6).all()
+    maps = grad_cam(model, {"ct": ct}, size=(16, 64, 64))  # on the preprocessed grid
+    assert maps.shape == (2, 16, 64, 64) and maps.min() >= 0 and maps.amax(dim=(1, 2, 3)).le(1 + 1e-6).all()
     assert model.training and all(p.grad is None for p in model.parameters())
-    with pytest.raises(IchproError, match="JointQuantification"):
-        comparator_grad_cam(build_comparator("small3dcnn", "smoke"), ct)
+    assert grad_cam(build_comparator("small3dcnn", SMOKE.model), {"ct": ct}).shape == (2, 16, 32, 32)
+    with pytest.raises(IchproError, match="SliceCNN2D names no layer for Grad-CAM"):
+        grad_cam(build_comparator("slice2d", SMOKE.model), {"ct": ct})
+
+
+@pytest.mark.parametrize("name", ["image+gcs", "concat_late"])
+def test_predict_on_a_comparator_run_gives_its_out_of_fold_p_bad_and_a_grad_cam(name, manifest, cache,
+                                                                               tmp_path):
+    run_dir = tmp_path / "run"
+    prepare_vision_weights(comparator_profile(name), quiet=True)  # concat_late reads the frozen encoder
+    oof = cross_validate(comparator_profile(name), manifest, run_dir, quiet=True, cache_dir=cache)
+    run = load_run(run_dir)
+    for _, row in oof.iloc[[0, 45, 90]].iterrows():
+        patient = manifest.set_index("patient_id").loc[row["patient_id"]]
+        prediction = predict_patient(run, patient["ct_path"], patient["report"])
+        # the fold's clinical standardization and calibration travel with its weights
+        assert prediction.p_bad_per_fold[int(row["fold"])] == pytest.approx(row["p_bad"], abs=1e-5)
+    assert prediction.heatmap_name == "grad_cam"
+    assert prediction.heatmap.shape == prediction.ct.shape == SMOKE.preprocess.spatial_size
+    nifti, png = save_heatmap(prediction, tmp_path / "patient")
+    assert nifti.name == "patient_grad_cam.nii.gz" and png.is_file()
 
 
 def test_concat_late_fusion_needs_frozen_encoders(manifest, cache, tmp_path):
@@ -140,6 +177,8 @@ def test_a_clinical_baseline_runs_on_the_same_folds(name, manifest, tmp_path):
     assert sorted(oof["patient_id"]) == sorted(manifest["patient_id"])
     assert oof["p_bad"].between(0, 1).all() and set(oof["fold"]) == {0, 1, 2}
     assert json.loads((tmp_path / "parameters.json").read_text())["trainable"] >= 2
+    with pytest.raises(IchproError, match=f"clinical baseline '{name}'.*no model to load"):
+        load_run(tmp_path)
 
 
 def test_a_score_keeps_its_own_auc_within_each_fold(manifest):
@@ -202,3 +241,24 @@ def test_cli_trains_a_comparator_and_refuses_an_unknown_one(smoke_cohort, tmp_pa
     assert main(["train", "--comparator", "gcs_ichnet", "--profile", "smoke", "--data", data,
                  "--out", str(tmp_path / "other")]) == 2
     assert "unknown comparator 'gcs_ichnet'" in capsys.readouterr().err
+
+
+def test_cli_trains_a_comparator_with_its_table4_settings_then_evaluates_and_predicts_its_run(
+        smoke_cohort, manifest, tmp_path, capsys):
+    from ichpro.cli import main
+
+    run = tmp_path / "small3dcnn"
+    assert main(["train", "--comparator", "small3dcnn", "--profile", "smoke", "--data",
+                 str(smoke_cohort / "manifest.csv"), "--out", str(run), "--epochs", "1", "--folds", "2",
+                 "--quiet"]) == 0
+    train = json.loads((run / "run.json").read_text())["config"]["train"]
+    table4 = next(r for r in table_rows("table4_comparison") if r.model.get("comparator") == "small3dcnn")
+    assert {k: train[k] for k in table4.train} == table4.train and train["epochs"] == 1  # the option wins
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--n-boot", "50"]) == 0
+    assert "auc" in capsys.readouterr().out
+    patient = manifest.iloc[0]
+    assert main(["predict", "--checkpoint", str(run), "--ct", patient["ct_path"],
+                 "--report", patient["report"], "--heatmap", str(tmp_path / "patient")]) == 0
+    out = capsys.readouterr().out
+    assert "P(bad outcome)" in out and "patient_grad_cam.png" in out

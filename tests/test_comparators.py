@@ -9,25 +9,25 @@ import torch
 
 from ichpro.clinical import clinical_scores, logistic_regression_cv
 from ichpro.cohort import sample_clinical
-from ichpro.config import PAPER_WINDOW
+from ichpro.config import PAPER_WINDOW, get_profile
 from ichpro.data import make_folds
-from ichpro.errors import IchproError
+from ichpro.image_report import image_report, measure_ct, template_tokens
 from ichpro.models.comparators import (
     CLINICAL_FEATURES,
     COMPARATORS,
-    TEXT_HIDDEN,
-    ComparatorOutput,
+    ClinicalStandardizer,
+    HeadOutputs,
+    build_comparator,
     clinical_tensor,
     count_parameters,
     decode_ordinal_gcs,
     encode_ordinal_gcs,
-    image_report,
-    measure_ct,
-    template_tokens,
 )
 from ichpro.reports import Report, render
+from ichpro.text import TINY_SIZES
 
 CT_SHAPE = (16, 32, 32)
+SMOKE = get_profile("smoke").model
 SMOKE_VISION_CHANNELS = 64  # the smoke profile's frozen ResNet-10, widths (8, 16, 32, 64)
 
 
@@ -55,14 +55,14 @@ def make_batch(n=4, seed=0):
         "volume_ml": torch.tensor([5.0, 40.0, 0.5, 80.0])[:n],
         "image_text_ids": ids, "image_text_mask": mask,
         "vision_features": torch.randn(n, SMOKE_VISION_CHANNELS, 1, 2, 2, generator=g),
-        "text_states": torch.randn(n, tokens, TEXT_HIDDEN["smoke"], generator=g),
+        "text_states": torch.randn(n, tokens, TINY_SIZES["hidden_size"], generator=g),
         "attention_mask": torch.ones(n, tokens, dtype=torch.long),
     }
 
 
 def build(name, seed=0):
     torch.manual_seed(seed)
-    return COMPARATORS[name]("smoke")
+    return build_comparator(name, SMOKE, TINY_SIZES["hidden_size"])
 
 
 # --------------------------------------------------------------------------- every comparator
@@ -82,8 +82,11 @@ def test_shapes_finite_loss_and_a_gradient_for_every_parameter(name):
     batch = make_batch(n=2)
     out = model(batch)
     assert out.logits.shape == (2, 2)
-    assert all(value.shape[0] == 2 for value in out.aux.values())
-    loss, terms = model.loss(out, batch)
+    assert set(out.auxiliary) == set(model.auxiliary_tasks)
+    assert all(value.shape == (2,) for value in out.auxiliary.values())
+    assert all(value.shape[0] == 2 for value in model.head_outputs(batch).aux.values())
+    loss, terms = out.loss, out.terms
+    assert model({k: v for k, v in batch.items() if k != "labels"}).loss is None  # prediction: no loss
     assert loss.ndim == 0 and torch.isfinite(loss)
     assert "ce" in terms and all(isinstance(v, float) and math.isfinite(v) for v in terms.values())
     loss.backward()
@@ -100,16 +103,11 @@ def test_a_few_adam_steps_overfit_a_fixed_batch(name):
     losses = []
     for _ in range(8):
         optimiser.zero_grad()
-        loss, _ = model.loss(model(batch), batch)
+        loss = model(batch).loss
         loss.backward()
         optimiser.step()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
-
-
-def test_unknown_size_is_refused():
-    with pytest.raises(IchproError, match="choose one of smoke, cpu, paper"):
-        COMPARATORS["small3dcnn"]("huge")
 
 
 # --------------------------------------------------------------------------- multi-task DenseNet
@@ -141,7 +139,7 @@ HAND_AGE = (_bce(0.0, 0) + _bce(3.0, 1)) / 2
 
 def test_multitask_loss_is_the_published_weighting_on_a_hand_case():
     aux = {"gcs": torch.tensor([[1.0, -1.0], [0.5, 2.0]]), "age": torch.tensor([[0.0], [3.0]])}
-    out = ComparatorOutput(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), aux)
+    out = HeadOutputs(torch.tensor([[2.0, 0.0], [0.0, 1.0]]), aux)
     gcs = (_bce(1.0, 1) + _bce(-1.0, 0) + _bce(0.5, 1) + _bce(2.0, 1)) / 4  # bits of GCS 10 and 5
     total, terms = build("densenet+ord_gcs+bin_age").loss(out, HAND_BATCH)
     assert total.item() == pytest.approx(0.4 * HAND_CE + 0.3 * gcs + 0.3 * HAND_AGE, rel=1e-6)
@@ -150,14 +148,14 @@ def test_multitask_loss_is_the_published_weighting_on_a_hand_case():
 
 def test_multitask_weights_are_renormalised_over_the_tasks_present():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
-    age_only = ComparatorOutput(logits, {"age": torch.tensor([[0.0], [3.0]])})
+    age_only = HeadOutputs(logits, {"age": torch.tensor([[0.0], [3.0]])})
     total, _ = build("densenet+bin_age").loss(age_only, HAND_BATCH)
     assert total.item() == pytest.approx((0.4 * HAND_CE + 0.3 * HAND_AGE) / 0.7, rel=1e-6)
-    binary_gcs = ComparatorOutput(logits, {"gcs": torch.tensor([[1.0], [-2.0]])})  # GCS 10 > 8, 5 <= 8
+    binary_gcs = HeadOutputs(logits, {"gcs": torch.tensor([[1.0], [-2.0]])})  # GCS 10 > 8, 5 <= 8
     total, _ = build("densenet+bin_gcs").loss(binary_gcs, HAND_BATCH)
     gcs = (_bce(1.0, 0) + _bce(-2.0, 1)) / 2
     assert total.item() == pytest.approx((0.4 * HAND_CE + 0.3 * gcs) / 0.7, rel=1e-6)
-    total, _ = build("densenet").loss(ComparatorOutput(logits), HAND_BATCH)
+    total, _ = build("densenet").loss(HeadOutputs(logits), HAND_BATCH)
     assert total.item() == pytest.approx(HAND_CE, rel=1e-6)
 
 
@@ -166,19 +164,21 @@ def test_multitask_weights_are_renormalised_over_the_tasks_present():
 
 def test_quantification_heads():
     batch = make_batch(n=2)
-    out = build("quantification")(batch)
+    model = build("quantification")
+    out = model.head_outputs(batch)
     assert torch.allclose(out.aux["volume_ml"], torch.expm1(out.aux["log1p_volume"]).clamp_min(0))
+    assert torch.equal(model(batch).auxiliary["volume_ml_pred"], out.aux["volume_ml"])
     single = build("quantification_single")
-    assert "volume" not in single.loss(single(batch), batch)[1]
+    assert "volume" not in single(batch).terms and single.targets == () and single.auxiliary_tasks == ()
 
 
 def test_attention_pooling_weights():
     batch = make_batch(n=2)
     batch["image_text_mask"][0, -3:] = 0  # the first report is shorter
-    out = build("vdafm")(batch)
+    out = build("vdafm").head_outputs(batch)
     assert out.aux["text_attention"][0, -3:].abs().max() == 0
     assert torch.allclose(out.aux["text_attention"].sum(1), torch.ones(2))
-    weights = build("slice2d")(batch).aux["slice_weights"]
+    weights = build("slice2d").head_outputs(batch).aux["slice_weights"]
     assert weights.shape == (2, CT_SHAPE[0]) and torch.allclose(weights.sum(1), torch.ones(2))
 
 
@@ -243,19 +243,34 @@ def test_clinical_scores_need_every_input():
     assert np.isnan(scores.loc[0, "func_score"])  # FUNC tells lobar from deep
 
 
-def test_clinical_tensor_standardizes_with_training_stats():
+def test_clinical_standardizer_uses_training_stats_and_keeps_them_with_the_weights():
     train = pd.DataFrame({"age": [60.0, 80.0], "sex": ["Male", "Female"], "gcs": [15.0, 7.0],
                           "onset_to_ct_min": [60.0, 180.0],
                           "treatment": ["Conservative treatment", "Craniotomy"]})
-    x, stats = clinical_tensor(train)
+    standardizer = ClinicalStandardizer()
+    standardizer.fit(clinical_tensor(train))
     # each column has two values: standardized to -1 and +1 (ddof 0)
+    x = standardizer(clinical_tensor(train))
+    assert x.dtype == torch.float32
     assert x.tolist() == [[-1.0, 1.0, 1.0, -1.0, -1.0], [1.0, -1.0, -1.0, 1.0, 1.0]]
     test = pd.DataFrame({"age": [70.0, np.nan], "sex": [None, "Male"], "gcs": [11.0, 3.0],
                          "onset_to_ct_min": [120.0, np.nan], "treatment": [None, None]})
-    y, same = clinical_tensor(test, stats)
-    assert same is stats
+    raw = clinical_tensor(test)
+    assert torch.isnan(raw[1, 0]) and raw[1, 2] == 3.0  # raw values, NaN where unknown
+    y = standardizer(raw)
     assert y[0].tolist() == [0.0] * 5  # the training means, or missing
     assert y[1].tolist() == pytest.approx([0.0, 1.0, -2.0, 0.0, 0.0])
+    restored = ClinicalStandardizer()
+    restored.load_state_dict(standardizer.state_dict())  # the statistics travel with the weights
+    assert torch.equal(restored(raw), y)
+
+
+def test_a_comparator_reading_clinical_fits_its_standardizer_on_the_training_patients():
+    model = build("image+gcs")
+    clinical = torch.tensor([[60.0, 1, 15, 60, 0], [80.0, 0, 7, 180, 1]], dtype=torch.float64)
+    model.fit_training_patients({"clinical": clinical})
+    assert model.clinical.mean.tolist() == [70.0, 0.5, 11.0, 120.0, 0.5]
+    build("small3dcnn").fit_training_patients({})  # reads no clinical field: nothing to fit
 
 
 def _cohort(n=160, seed=0):

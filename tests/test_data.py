@@ -16,17 +16,15 @@ from dicom_utils import write_dicom_series
 from ichpro.config import BRAIN_WINDOW, PAPER_WINDOW, PreprocessConfig
 from ichpro.data import (
     LoadCTd,
-    check_manifest,
     config_hash,
     load_ct,
-    load_manifest,
     make_dataset,
     make_folds,
     preprocess_steps,
     preprocess_transforms,
-    summarize_manifest,
 )
 from ichpro.errors import IchproError, ImageError, ManifestError
+from ichpro.manifest import check_manifest, load_manifest, summarize_manifest
 
 CFG = PreprocessConfig(spatial_size=(16, 64, 64))
 BLOB_HU = 70.0

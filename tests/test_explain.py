@@ -83,7 +83,8 @@ def test_grad_cam_is_normalised_and_leaves_the_model_as_it_was(text, batch):
 def test_grad_cam_follows_its_formula(run, batch):
     model = run.models[0]
     features = model.vision(batch["ct"]).detach().requires_grad_(True)
-    logits = model(batch["attention_mask"], vision_features=features, input_ids=batch["input_ids"]).logits
+    logits = model({"attention_mask": batch["attention_mask"], "vision_features": features,
+                    "input_ids": batch["input_ids"]}).logits
     (grads,) = torch.autograd.grad(logits[:, 1].sum(), features)
     cam = F.relu((grads.mean(dim=(2, 3, 4), keepdim=True) * features).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=SIZE, mode="trilinear", align_corners=False)[:, 0].detach()
@@ -94,7 +95,7 @@ def test_grad_cam_follows_its_formula(run, batch):
 def test_attention_maps_cover_every_fusion_map(run, batch):
     model = run.models[0]
     with torch.no_grad():
-        out = model(**batch)
+        out = model(batch)
     maps = explain.attention_maps(model, batch)
     assert set(maps) == set(out.attentions) and len(maps) == 3
     for name, volume in maps.items():

@@ -5,11 +5,12 @@ from dataclasses import replace
 import pytest
 import torch
 
+from ichpro.batches import BatchSource
 from ichpro.config import get_profile
-from ichpro.data import load_manifest
 from ichpro.features import cache_key, cached, files_digest, weights_digest
+from ichpro.manifest import load_manifest
 from ichpro.text import load_text_backbone
-from ichpro.train import BatchSource, fresh_model
+from ichpro.train import encoders_profile, fresh_model
 
 # a seeded random vision encoder: these tests are about the cache, not about pretraining
 SMOKE = replace(get_profile("smoke"), pretrain=None)
@@ -26,10 +27,11 @@ def text(manifest):
 
 
 def encoded(profile, manifest, text, cache_dir, seed=0):
+    """A source prepared for the profile's model, and the model that encoded the patients."""
     source = BatchSource(manifest, profile, text, cache_dir)
-    model = fresh_model(profile, text, seed)
-    source.precompute(model, torch.device("cpu"), batch_size=8, seed=seed, quiet=True)
-    return source, model
+    model, encoders = fresh_model(profile, text, seed), fresh_model(encoders_profile(profile), text, seed)
+    source.prepare(model, lambda: encoders, torch.device("cpu"), seed, quiet=True)
+    return source, encoders
 
 
 def test_cache_hits_and_misses_follow_what_the_outputs_depend_on(manifest, text, tmp_path):
@@ -56,7 +58,8 @@ def test_cached_outputs_equal_the_encoders_outputs(manifest, text, tmp_path):
     idx = [3, 0, 17]
     batch = source.batch(idx, torch.device("cpu"), epoch=2)
     direct = source.batch(idx, torch.device("cpu"))  # features, no masked variant without an epoch
-    assert "ct" not in batch and "masked_text_states" not in direct
+    assert "ct" not in batch and "masked_text_states" not in direct and "labels" not in direct
+    assert batch["labels"].tolist() == manifest["label"].iloc[idx].tolist()
     with torch.no_grad():
         ct = torch.stack([source.dataset[i]["ct"] for i in idx])
         torch.testing.assert_close(batch["vision_features"], model.vision(ct))
@@ -80,7 +83,16 @@ def test_unfrozen_encoders_are_not_precomputed(manifest, text, tmp_path):
     source, _ = encoded(end_to_end, manifest, text, tmp_path)
     batch = source.batch([0, 1], torch.device("cpu"))
     assert "vision_features" not in batch and batch["ct"].shape == (2, 1, *SMOKE.preprocess.spatial_size)
-    assert "text_states" in batch
+    assert "text_states" in batch and source.cache_hits.keys() == {"text", "masked"}
+
+
+def test_a_model_that_reads_no_encoder_output_encodes_nothing(manifest, text, tmp_path):
+    image_only = replace(SMOKE, model=replace(SMOKE.model, comparator="small3dcnn"))
+    source = BatchSource(manifest, image_only, text, tmp_path)
+    source.prepare(fresh_model(image_only, text, 0), lambda: pytest.fail("encoders built"),
+                   torch.device("cpu"), 0, quiet=True)
+    assert source.features["ct"].shape == (len(manifest), 1, *SMOKE.model.comparator_input)
+    assert "vision_features" not in source.features and "text_states" not in source.features
 
 
 def test_digests_and_keys(tmp_path):

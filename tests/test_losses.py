@@ -8,10 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ichpro.config import LossConfig
+from ichpro.config import LOSS_TERMS, LossConfig
 from ichpro.errors import IchproError
 from ichpro.losses import (
-    TERMS,
     CompositeLoss,
     blend_loss,
     ce_loss,
@@ -263,7 +262,7 @@ def test_composite_total_is_weighted_sum_and_reports_every_term():
     loss = CompositeLoss(ALL_TERMS, temperature=0.1)
     x = model_outputs()
     total, report = loss(**x)
-    assert set(report) == {"total", *TERMS}
+    assert set(report) == {"total", *LOSS_TERMS}
     assert total.item() == pytest.approx(report["total"], rel=1e-6)
     assert report["total"] == pytest.approx(sum(w * report[n] for n, w in ALL_TERMS.items()), rel=1e-5)
     v, t, labels = x["vision_embedding"], x["text_embedding"], x["labels"]
@@ -280,12 +279,10 @@ def test_composite_imima_mix_is_a_trained_parameter():
     assert list(CompositeLoss({"ce": 1.0}).parameters()) == []
 
 
-def test_composite_flags_and_from_config():
+def test_composite_from_config():
     loss = CompositeLoss.from_config(LossConfig(terms=(("ce", 1.0), ("mlm", 0.5)), temperature=0.2))
-    assert loss.terms == (("ce", 1.0), ("mlm", 0.5))
+    assert loss.terms == (("ce", 1.0), ("mlm", 0.5)) and loss.names == ("ce", "mlm")
     assert loss.temperature == 0.2
-    assert loss.needs_mlm and not loss.needs_unimodal_heads
-    assert CompositeLoss({"blend": 1.0}).needs_unimodal_heads
 
 
 def test_composite_missing_input_names_it():
@@ -298,8 +295,8 @@ def test_composite_missing_input_names_it():
 
 
 @pytest.mark.parametrize(("terms", "match"), [
-    ({"ce": 1.0, "focal": 1.0}, r"unknown loss term 'focal'; choose among ce, imima, sdm, mlm"),
-    ({"ce": -1.0}, r"weight of loss term 'ce' must be finite and >= 0"),
+    ({"ce": 1.0, "focal": 1.0}, r"unknown loss term 'focal' \(--loss\); choose among ce, imima, sdm, mlm"),
+    ({"ce": -1.0}, r"weight of loss term 'ce' \(--loss\) must be finite and >= 0"),
     ({"ce": math.nan}, r"must be finite"),
     ({}, r"no loss terms"),
     ([("ce", 1.0), ("ce", 2.0)], r"'ce' is given twice"),

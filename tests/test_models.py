@@ -50,7 +50,7 @@ def smoke_model(backbone, seed=0, **changes):
 @pytest.mark.parametrize("structure", FUSION_STRUCTURES)
 def test_shapes_and_attention_rows_for_every_structure(tiny, structure):
     model = smoke_model(tiny, fusion=structure)
-    out = model(**make_batch(tiny))
+    out = model(make_batch(tiny))
     dim, grid = SMOKE.model.dim, SMOKE.model.grid
     assert out.logits.shape == (4, 2)
     assert out.vision_embedding.shape == out.text_embedding.shape == (4, dim)
@@ -73,8 +73,8 @@ def test_cpu_profile_shapes():
     model = build_model(cpu.model, bert, cpu.loss).eval()
     ids = torch.randint(5, 100, (1, 20))
     with torch.no_grad():
-        out = model(ct=torch.rand(1, 1, *cpu.preprocess.spatial_size), input_ids=ids,
-                    attention_mask=torch.ones_like(ids))
+        out = model({"ct": torch.rand(1, 1, *cpu.preprocess.spatial_size), "input_ids": ids,
+                     "attention_mask": torch.ones_like(ids)})
     assert out.logits.shape == (1, 2) and out.fused.shape == (1, 64, 4, 8, 8)  # twice the 2x4x4 grid
 
 
@@ -90,33 +90,78 @@ def test_paper_profile_parameter_counts_and_shapes():
     model = build_model(paper, bert).eval()
     ids = torch.randint(5, 1000, (1, 12))
     with torch.no_grad():  # the paper's 32 slices; a 128 x 128 plane keeps the test light
-        out = model(ct=torch.rand(1, 1, 32, 128, 128), input_ids=ids, attention_mask=torch.ones_like(ids))
+        out = model({"ct": torch.rand(1, 1, 32, 128, 128), "input_ids": ids,
+                     "attention_mask": torch.ones_like(ids)})
     assert out.logits.shape == (1, 2)
     assert "stage2_mhsaf_self" in out.attentions and out.attentions["stage2_mhsaf_self"].shape[1] == 16
 
 
 def test_full_vtmf_loss_reaches_every_trainable_parameter(tiny):
     model = smoke_model(tiny, freeze_vision=False, freeze_text=False)  # the paper's end-to-end setting
-    loss_fn = CompositeLoss.from_config(SMOKE.loss)
     batch = make_batch(tiny)
-    out = model(**batch)
-    total, terms = loss_fn(labels=batch["labels"], logits=out.logits,
-                           vision_embedding=out.vision_embedding, text_embedding=out.text_embedding,
-                           mlm_logits=out.mlm_logits, mlm_labels=out.mlm_labels)
-    total.backward()
-    assert set(terms) == {"total", "ce", "imima", "sdm", "mlm"}
-    params = list(model.named_parameters()) + [(f"loss.{n}", p) for n, p in loss_fn.named_parameters()]
-    silent = [n for n, p in params if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
+    out = model(batch)
+    out.loss.backward()
+    assert set(out.terms) == {"total", "ce", "imima", "sdm", "mlm"}
+    assert out.terms["total"] == pytest.approx(out.loss.item())
+    # the objective is part of the model: IMIMA's learnable mix is one of its parameters
+    names = [n for n, _ in model.named_parameters()]
+    assert "objective.imima_mix" in names
+    silent = [n for n, p in model.named_parameters()
+              if p.requires_grad and (p.grad is None or p.grad.abs().sum() == 0)]
     assert not silent, silent
+
+
+def test_the_loss_is_the_objective_of_the_outputs_and_absent_without_labels(tiny):
+    model = smoke_model(tiny).eval()
+    batch = make_batch(tiny)
+    with torch.no_grad():
+        out = model(batch)
+        alone = CompositeLoss.from_config(SMOKE.loss)(
+            labels=batch["labels"], logits=out.logits, vision_embedding=out.vision_embedding,
+            text_embedding=out.text_embedding, mlm_logits=out.mlm_logits, mlm_labels=out.mlm_labels)[0]
+        unlabelled = model({k: v for k, v in batch.items() if k != "labels"})
+        no_mlm_labels = model({k: v for k, v in batch.items() if k != "mlm_labels"})
+    torch.testing.assert_close(out.loss, alone)
+    assert unlabelled.loss is None and unlabelled.terms == {}
+    assert no_mlm_labels.loss is None  # the MLM term's targets are missing: no loss, not a wrong one
+    torch.testing.assert_close(unlabelled.logits, out.logits)
+
+
+def test_the_model_declares_what_it_reads(tiny):
+    frozen = smoke_model(tiny)
+    assert frozen.inputs == ("input_ids", "attention_mask", "vision_features", "text_states",
+                             "masked_text_states")
+    assert frozen.targets == ("mlm_labels",)
+    assert frozen.frozen_prefixes == ("vision.", "text.", "mlm.word_embeddings.")
+    end_to_end = smoke_model(tiny, freeze_vision=False, freeze_text=False)
+    assert end_to_end.inputs == ("input_ids", "attention_mask", "ct", "mlm_input_ids")
+    assert end_to_end.frozen_prefixes == ()
+    text_only = build_model(replace(SMOKE.model, modality="text"), copy.deepcopy(tiny.model),
+                            LossConfig(terms=(("ce", 1.0),)))
+    assert text_only.inputs == ("input_ids", "attention_mask", "text_states")
+    assert text_only.targets == () and frozen.gradcam_layer == "vision" and frozen.auxiliary_tasks == ()
+
+
+def test_fitting_the_training_patients_restricts_the_mlm_vocabulary_to_their_words(tiny):
+    batch = make_batch(tiny)
+    for vocabulary in ("reports", "full"):
+        loss = replace(SMOKE.loss, mlm_vocabulary=vocabulary)
+        model = build_model(SMOKE.model, copy.deepcopy(tiny.model), loss)
+        model.fit_training_patients(batch)
+        if vocabulary == "reports":
+            words = torch.unique(batch["input_ids"][batch["attention_mask"].bool()])
+            assert torch.equal(model.mlm.vocabulary, words)
+    full = model  # mlm_vocabulary "full": nothing to fit
+    assert full.mlm.vocabulary is None
 
 
 def test_the_report_and_the_ct_both_change_the_prediction(tiny):
     model = smoke_model(tiny).eval()
     batch = make_batch(tiny)
     with torch.no_grad():
-        base = model(**batch)
-        edited = model(**make_batch(tiny, reports=[REPORTS[1], REPORTS[0], REPORTS[3], REPORTS[2]]))
-        blank = model(**{**batch, "ct": torch.zeros_like(batch["ct"])})
+        base = model(batch)
+        edited = model(make_batch(tiny, reports=[REPORTS[1], REPORTS[0], REPORTS[3], REPORTS[2]]))
+        blank = model({**batch, "ct": torch.zeros_like(batch["ct"])})
     cmaf = "stage1_cmaf_text_to_vision"
     assert not torch.allclose(base.logits, edited.logits)
     assert not torch.allclose(base.attentions[cmaf], edited.attentions[cmaf])
@@ -126,9 +171,9 @@ def test_the_report_and_the_ct_both_change_the_prediction(tiny):
 
 def test_same_seed_gives_identical_outputs(tiny):
     batch = make_batch(tiny)
-    a = smoke_model(tiny, seed=3).eval()(**batch)
-    b = smoke_model(tiny, seed=3).eval()(**batch)
-    c = smoke_model(tiny, seed=4).eval()(**batch)
+    a = smoke_model(tiny, seed=3).eval()(batch)
+    b = smoke_model(tiny, seed=3).eval()(batch)
+    c = smoke_model(tiny, seed=4).eval()(batch)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.mlm_logits, b.mlm_logits)
     assert not torch.equal(a.logits, c.logits)
 
@@ -136,7 +181,7 @@ def test_same_seed_gives_identical_outputs(tiny):
 def test_runs_under_bf16_autocast(tiny):
     model = smoke_model(tiny).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(**make_batch(tiny))
+        out = model(make_batch(tiny))
     assert torch.isfinite(out.logits.float()).all()
 
 
@@ -167,7 +212,7 @@ def test_frozen_encoders_get_no_gradient_and_stay_in_eval_mode(tiny):
     model = smoke_model(tiny, freeze_vision=True, freeze_text=True)
     model.train()
     assert not model.vision.training and not model.text.training and model.fusion.training
-    out = model(**make_batch(tiny))
+    out = model(make_batch(tiny))
     out.logits.sum().backward()
     assert all(p.grad is None for p in model.vision.parameters())
     assert all(p.grad is None for p in model.text.parameters())
@@ -199,7 +244,7 @@ def test_blend_loss_builds_unimodal_heads(tiny):
     torch.manual_seed(0)
     terms = LossConfig(terms=(("ce", 1.0), ("blend", 1.0)))
     model = build_model(SMOKE.model, copy.deepcopy(tiny.model), terms)
-    out = model(**make_batch(tiny))
+    out = model(make_batch(tiny))
     assert model.mlm is None and out.mlm_logits is None
     assert out.vision_logits.shape == out.text_logits.shape == (4, 2)
 
@@ -208,11 +253,11 @@ def test_precomputed_encoder_outputs_give_the_same_prediction(tiny):
     model = smoke_model(tiny).eval()
     batch = make_batch(tiny)
     with torch.no_grad():
-        direct = model(**batch)
+        direct = model(batch)
         f_v, f_t = model.encode(batch["ct"], batch["input_ids"], batch["attention_mask"])
         masked = model.text(batch["mlm_input_ids"], batch["attention_mask"])
-        cached = model(attention_mask=batch["attention_mask"], vision_features=f_v, text_states=f_t,
-                       masked_text_states=masked, mlm_labels=batch["mlm_labels"])
+        cached = model({"attention_mask": batch["attention_mask"], "vision_features": f_v, "text_states": f_t,
+                        "masked_text_states": masked, "mlm_labels": batch["mlm_labels"]})
     assert torch.allclose(direct.logits, cached.logits, atol=1e-6)
     assert torch.allclose(direct.mlm_logits, cached.mlm_logits, atol=1e-5)
 
@@ -222,7 +267,7 @@ def test_ce_alone_builds_no_unused_branch(tiny):
     model = build_model(replace(SMOKE.model, freeze_vision=False, freeze_text=False),
                         copy.deepcopy(tiny.model), LossConfig(terms=(("ce", 1.0),)))
     assert model.projections is None and model.mlm is None and model.unimodal is None
-    out = model(**make_batch(tiny))
+    out = model(make_batch(tiny))
     assert out.vision_embedding is None
     out.logits.sum().backward()
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
@@ -236,9 +281,9 @@ def test_single_modality_models_ignore_the_other_input(tiny, modality):
     batch = make_batch(tiny)
     other = make_batch(tiny, seed=1, reports=[REPORTS[1], REPORTS[0], REPORTS[3], REPORTS[2]])
     with torch.no_grad():
-        out = model(**batch)
-        swapped_ct = model(**{**batch, "ct": other["ct"]})
-        swapped_report = model(**{**other, "ct": batch["ct"]})
+        out = model(batch)
+        swapped_ct = model({**batch, "ct": other["ct"]})
+        swapped_report = model({**other, "ct": batch["ct"]})
     assert out.logits.shape == (4, 2) and list(out.attentions) == ["stage1_mhsaf_self"]
     same, changed = (swapped_report, swapped_ct) if modality == "vision" else (swapped_ct, swapped_report)
     assert torch.equal(out.logits, same.logits) and not torch.allclose(out.logits, changed.logits)
@@ -270,7 +315,7 @@ def test_positional_trt_keeps_the_token_position_map(tiny):
     trt = TRT(hidden=16, dim=8, max_tokens=12, grid=(2, 2, 2), heads=2, mode="positional")
     grid, attention = trt(torch.randn(2, 6, 16), torch.ones(2, 6))
     assert grid.shape == (2, 8, 2, 2, 2) and attention is None
-    out = smoke_model(tiny, trt="positional")(**make_batch(tiny))
+    out = smoke_model(tiny, trt="positional")(make_batch(tiny))
     assert out.token_attention is None and out.logits.shape == (4, 2)
     with pytest.raises(IchproError, match="unknown TRT mode 'words'"):
         TRT(16, 8, 12, (2, 2, 2), 2, mode="words")
@@ -278,7 +323,7 @@ def test_positional_trt_keeps_the_token_position_map(tiny):
 
 def test_the_model_returns_which_tokens_each_grid_cell_reads(tiny):
     batch = make_batch(tiny)
-    out = smoke_model(tiny)(**batch)
+    out = smoke_model(tiny)(batch)
     cells, length = math.prod(SMOKE.model.grid), batch["input_ids"].shape[1]
     assert out.token_attention.shape == (4, SMOKE.model.heads, cells, length)
     padding = batch["attention_mask"] == 0
@@ -311,10 +356,10 @@ def test_cmaf_pool_sets_the_grid_cmaf_attends_over():
 
 def test_mlm_over_the_reports_words_is_the_full_softmax_renormalised_on_them(tiny):
     model, batch = smoke_model(tiny).eval(), make_batch(tiny)
-    out_full = model(**batch)
+    out_full = model(batch)
     vocabulary = torch.unique(batch["input_ids"])
     model.mlm.restrict_vocabulary(vocabulary)
-    out = model(**batch)
+    out = model(batch)
     assert out.mlm_logits.shape == (len(out_full.mlm_labels), len(vocabulary))
     # the targets index the same tokens, and the logits are the full ones at those columns
     assert torch.equal(vocabulary[out.mlm_labels], out_full.mlm_labels)
@@ -324,11 +369,6 @@ def test_mlm_over_the_reports_words_is_the_full_softmax_renormalised_on_them(tin
     torch.testing.assert_close(mlm_loss(out.mlm_logits, out.mlm_labels), expected)
     model.mlm.restrict_vocabulary(vocabulary[vocabulary != out_full.mlm_labels[0]])
     with pytest.raises(IchproError, match="not in the MLM head's restricted vocabulary"):
-        model(**batch)
+        model(batch)
     model.mlm.restrict_vocabulary(None)
-    torch.testing.assert_close(model(**batch).mlm_logits, out_full.mlm_logits)
-
-
-def test_unknown_mlm_vocabulary_is_rejected():
-    with pytest.raises(IchproError, match="unknown mlm_vocabulary 'words'; choose one of full, reports"):
-        LossConfig(mlm_vocabulary="words")
+    torch.testing.assert_close(model(batch).mlm_logits, out_full.mlm_logits)

@@ -5,17 +5,18 @@ import os
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from ichpro import train as train_module
 from ichpro.config import get_profile
 from ichpro.errors import IchproError
 from ichpro.metrics import classification_metrics
-from ichpro.train import cosine_lr, cross_validate, split_folds
+from ichpro.runtime import autocast, cosine_lr, resolve_device
+from ichpro.train import FoldTrainer, cross_validate, prepare_vision_weights, split_folds
 
 SMOKE = get_profile("smoke")
 FAST = replace(SMOKE, train=replace(SMOKE.train, epochs=3, n_folds=3))
@@ -24,6 +25,12 @@ FAST = replace(SMOKE, train=replace(SMOKE.train, epochs=3, n_folds=3))
 @pytest.fixture(scope="module")
 def ct_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("ct_cache")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def pretrained():
+    """The smoke profile's pretrained vision encoder, made as the callers of cross_validate do."""
+    prepare_vision_weights(FAST, quiet=True)
 
 
 @pytest.fixture(scope="module")
@@ -108,19 +115,19 @@ def test_inner_validation_never_touches_the_test_fold():
 
 def test_resumed_run_predicts_exactly_like_an_uninterrupted_one(finished_run, manifest, ct_cache,
                                                                  tmp_path, monkeypatch):
-    original = train_module.FoldTrainer._train_epoch
+    original = FoldTrainer._train_epoch
 
     def crash_in_fold1_epoch2(self, epoch):
         if self.fold.index == 1 and epoch == 2:
             raise KeyboardInterrupt("simulated kill")
         return original(self, epoch)
 
-    monkeypatch.setattr(train_module.FoldTrainer, "_train_epoch", crash_in_fold1_epoch2)
+    monkeypatch.setattr(FoldTrainer, "_train_epoch", crash_in_fold1_epoch2)
     with pytest.raises(KeyboardInterrupt):
         cross_validate(FAST, manifest, tmp_path, seed=0, quiet=True, cache_dir=ct_cache)
     assert (tmp_path / "fold0" / "predictions.csv").is_file()
     assert json.loads((tmp_path / "fold1" / "state.json").read_text())["epoch"] == 1
-    monkeypatch.setattr(train_module.FoldTrainer, "_train_epoch", original)
+    monkeypatch.setattr(FoldTrainer, "_train_epoch", original)
     fold0_before = (tmp_path / "fold0" / "predictions.csv").stat().st_mtime_ns
     resumed = cross_validate(FAST, manifest, tmp_path, seed=0, quiet=True, cache_dir=ct_cache,
                              resume=True)
@@ -145,10 +152,10 @@ def test_bf16_autocast_on_cpu_trains(manifest, ct_cache, tmp_path):
 def test_device_errors_are_clear():
     if not torch.cuda.is_available():
         with pytest.raises(IchproError, match="CUDA is not available"):
-            train_module.resolve_device("cuda")
-    assert train_module.resolve_device("cpu").type == "cpu"
+            resolve_device("cuda")
+    assert resolve_device("cpu").type == "cpu"
     with pytest.raises(IchproError, match="amp must be"):
-        train_module.autocast(torch.device("cpu"), "fp8")
+        autocast(torch.device("cpu"), "fp8")
 
 
 def _train_command(data, out, batch_size):
@@ -175,6 +182,22 @@ def test_two_process_ddp_matches_a_single_process_run_of_the_same_global_batch(s
     assert first[0] == pytest.approx(first[1], rel=0.05)
 
 
+def test_ddp_keeps_every_learned_weight_of_model_and_objective_equal_across_ranks(smoke_cohort, tmp_path):
+    """With the full VTMF loss, IMIMA's learnable mix included: DDP wraps the model with its objective."""
+    from safetensors.torch import load_file
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    worker = str(Path(__file__).with_name("ddp_ranks.py"))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    "29518", worker, str(smoke_cohort / "manifest.csv"), str(tmp_path)], check=True, env=env,
+                   capture_output=True, timeout=600)
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert "objective.imima_mix" in ranks[0] and ranks[0].keys() == ranks[1].keys()
+    assert ranks[0]["objective.imima_mix"].abs().max() > 0  # it learned: it starts at zero
+    for name, weight in ranks[0].items():
+        assert torch.equal(weight, ranks[1][name]), name
+
+
 def test_predict_rebuilds_each_fold_model_exactly(finished_run, smoke_cohort, tmp_path):
     from ichpro.predict import load_run, predict_patient, save_heatmap
 
@@ -188,11 +211,12 @@ def test_predict_rebuilds_each_fold_model_exactly(finished_run, smoke_cohort, tm
     prediction = predict_patient(run, ct, str(report))
     assert prediction.p_bad_per_fold[int(row["fold"])] == pytest.approx(row["p_bad"], abs=1e-5)
     assert prediction.p_bad == pytest.approx(np.mean(prediction.p_bad_per_fold))
-    assert prediction.attention.shape == prediction.ct.shape == SMOKE.preprocess.spatial_size
+    assert prediction.heatmap_name == "stage1_cmaf_text_to_vision"
+    assert prediction.heatmap.shape == prediction.ct.shape == SMOKE.preprocess.spatial_size
     cells = np.prod(run.models[0].fusion.map_grids["stage1_cmaf_text_to_vision"])
-    assert prediction.attention.mean() == pytest.approx(1 / cells, rel=0.01)  # shares sum to 1 over cells
+    assert prediction.heatmap.mean() == pytest.approx(1 / cells, rel=0.01)  # shares sum to 1 over cells
     nifti, png = save_heatmap(prediction, tmp_path / "patient")
-    assert nifti.is_file() and png.is_file()
+    assert nifti.name == "patient_attention.nii.gz" and nifti.is_file() and png.is_file()
 
 
 def test_predict_rejects_bad_inputs_clearly(finished_run, smoke_cohort, tmp_path):

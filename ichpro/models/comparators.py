@@ -1,75 +1,90 @@
 """The neighbouring systems of ICHPro's comparison, as trainable models with one interface.
 
-Every comparator maps a batch dict to a :class:`ComparatorOutput` (prognosis logits (B, 2), 0 good
-and 1 bad, plus auxiliary predictions) and returns its own training loss with ``loss(out, batch)``.
-Each reads only the batch keys it needs:
+Every comparator is a :class:`~ichpro.models.contract.PrognosisModel`: it maps a batch dict to a
+:class:`~ichpro.models.contract.ModelOutput` (prognosis logits (B, 2), 0 good and 1 bad, its own
+training loss when the batch holds labels, and auxiliary predictions). Inside, ``head_outputs``
+computes the raw :class:`HeadOutputs` that ``loss`` and ``auxiliary_predictions`` read. Each
+reads only the batch keys it declares (``inputs``, and ``targets`` for its loss):
 
 =====================  ==========================================================================
 key                    content
 =====================  ==========================================================================
 ``ct``                 (B, 1, D, H, W) windowed CT in [0, 1]
 ``labels``             (B,) outcome, 0 good / 1 bad
-``clinical``           (B, F) standardized :data:`CLINICAL_FEATURES` (see :func:`clinical_tensor`)
+``clinical``           (B, F) raw :data:`CLINICAL_FEATURES`, NaN where unknown; the model standardizes
+                       them with its training patients' statistics (:class:`ClinicalStandardizer`)
 ``gcs``, ``age``       (B,) raw GCS (3-15) and age in years (multi-task targets)
 ``volume_ml``          (B,) true haematoma volume (quantification target)
-``image_text_ids``     (B, L) VDAFM's template text (:func:`image_report`, :func:`template_tokens`)
+``image_text_ids``     (B, L) VDAFM's template text (:mod:`ichpro.image_report`)
 ``image_text_mask``    (B, L) its attention mask
 ``vision_features``    (B, C, d, h, w) frozen vision-encoder features (late fusion)
 ``text_states``        (B, L, H) frozen text-encoder states of the report, with ``attention_mask``
 =====================  ==========================================================================
 
-:data:`COMPARATORS` builds each one by name at a ``size``: "smoke" and "cpu" (the profiles' small
-widths) or "paper" (the published sizes where known).
+:data:`COMPARATORS` builds each one by name at the ``ModelConfig.comparator_size`` of the profile:
+"smoke" and "cpu" (small widths) or "paper" (the published sizes where known).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DenseNet121
-from scipy import ndimage
 from torch import nn
 
-from ichpro.clinical import clinical_fields, fit_standardizer, standardize
-from ichpro.config import PAPER_WINDOW, PROFILES
-from ichpro.data import brain_mask, load_ct
+from ichpro.clinical import clinical_fields, fit_standardizer
+from ichpro.config import ModelConfig
 from ichpro.errors import IchproError
-from ichpro.losses import ce_loss, info_nce
-from ichpro.models.encoders import RESNET_LAYERS, VisionEncoder
+from ichpro.image_report import TEMPLATE_MAX_TOKENS, TEMPLATE_VOCAB
+from ichpro.losses import ce_loss, symmetric_info_nce
+from ichpro.models.contract import ModelOutput, PrognosisModel
+from ichpro.models.encoders import RESNET_LAYERS, VisionEncoder, masked_mean
 
 #: Columns of the ``clinical`` batch tensor: age, sex (male = 1), GCS, onset-to-CT minutes,
 #: treatment (surgical = 1), each standardized with the training set's mean and std.
 CLINICAL_FEATURES = ("age", "male", "gcs", "onset_to_ct_min", "surgical")
-SIZES = ("smoke", "cpu", "paper")
 
 
 @dataclass
-class ComparatorOutput:
-    """Prognosis logits (B, 2) and named auxiliary predictions."""
+class HeadOutputs:
+    """A comparator's raw outputs: prognosis logits (B, 2) and its other heads' outputs by name."""
 
     logits: torch.Tensor
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def clinical_tensor(df: pd.DataFrame, stats: dict[str, tuple[float, float]] | None = None
-                    ) -> tuple[torch.Tensor, dict[str, tuple[float, float]]]:
-    """(N, F) float tensor of :data:`CLINICAL_FEATURES` from a manifest, and the stats used.
+def clinical_tensor(df: pd.DataFrame) -> torch.Tensor:
+    """(N, F) float64 tensor of raw :data:`CLINICAL_FEATURES` of a manifest, NaN where unknown.
 
     Fields come from the manifest's columns, or the report where a column is empty
-    (:func:`ichpro.clinical.clinical_fields`). Pass ``stats=None`` for the training set (its mean
-    and std are returned) and those stats for any other set; a missing value becomes the training
-    mean, i.e. 0 after standardization.
+    (:func:`ichpro.clinical.clinical_fields`).
     """
-    fields = clinical_fields(df)[list(CLINICAL_FEATURES)]
-    stats = fit_standardizer(fields) if stats is None else stats
-    return torch.as_tensor(standardize(fields, stats), dtype=torch.float32), stats
+    return torch.as_tensor(clinical_fields(df)[list(CLINICAL_FEATURES)].to_numpy(float), dtype=torch.float64)
+
+
+class ClinicalStandardizer(nn.Module):
+    """(value - mean) / std of each clinical feature with its training patients' statistics
+    (:func:`ichpro.clinical.fit_standardizer`, kept as buffers so they are saved with the weights);
+    a missing value becomes the training mean, i.e. 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(len(CLINICAL_FEATURES), dtype=torch.float64))
+        self.register_buffer("std", torch.ones(len(CLINICAL_FEATURES), dtype=torch.float64))
+
+    def fit(self, clinical: torch.Tensor) -> None:
+        """Take the mean and std from the raw (N, F) ``clinical`` tensor of the training patients."""
+        stats = fit_standardizer(pd.DataFrame(clinical.cpu().numpy(), columns=list(CLINICAL_FEATURES)))
+        self.mean.copy_(torch.tensor([m for m, _ in stats.values()], dtype=torch.float64))
+        self.std.copy_(torch.tensor([s for _, s in stats.values()], dtype=torch.float64))
+
+    def forward(self, clinical: torch.Tensor) -> torch.Tensor:
+        return torch.nan_to_num((clinical.double() - self.mean) / self.std, nan=0.0).float()
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -80,20 +95,34 @@ def count_parameters(module: nn.Module) -> int:
 # --------------------------------------------------------------------------- shared blocks
 
 
-class Comparator(nn.Module):
+class Comparator(PrognosisModel):
     """Base class: the loss is the prognosis cross-entropy; subclasses add auxiliary terms.
 
-    ``INPUTS`` names the batch keys the comparator reads (besides ``labels``); ``image_text`` stands
-    for ``image_text_ids`` and ``image_text_mask``.
+    A subclass implements :meth:`head_outputs`; ``forward`` adds the loss (with labels) and the
+    auxiliary predictions. One that reads ``clinical`` standardizes it with ``self.clinical``, a
+    :class:`ClinicalStandardizer` fitted on its fold's training patients.
     """
 
-    INPUTS: tuple[str, ...] = ("ct",)
+    def head_outputs(self, batch: dict) -> HeadOutputs:  # pragma: no cover - abstract
+        raise NotImplementedError
 
-    def auxiliary_predictions(self, out: ComparatorOutput) -> dict[str, torch.Tensor]:
+    def forward(self, batch: dict) -> ModelOutput:
+        heads = self.head_outputs(batch)
+        out = ModelOutput(heads.logits, auxiliary=self.auxiliary_predictions(heads))
+        if self.is_labelled(batch):
+            out.loss, out.terms = self.loss(heads, batch)
+        return out
+
+    def fit_training_patients(self, patients: dict) -> None:
+        """Fit the clinical standardization, for a comparator that reads ``clinical``."""
+        if "clinical" in self.inputs:
+            self.clinical.fit(patients["clinical"])
+
+    def auxiliary_predictions(self, out: HeadOutputs) -> dict[str, torch.Tensor]:
         """Per-patient auxiliary predictions worth saving next to P(bad): name -> (B,) tensor."""
         return {}
 
-    def loss(self, out: ComparatorOutput, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, out: HeadOutputs, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         ce = ce_loss(out.logits, batch["labels"])
         return ce, {"ce": ce.item()}
 
@@ -127,10 +156,6 @@ def _bce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits.float(), targets.float())
 
 
-def _symmetric_info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    return (info_nce(a, b, temperature) + info_nce(b, a, temperature)) / 2
-
-
 # --------------------------------------------------------------------------- multi-task DenseNet
 
 
@@ -162,7 +187,7 @@ class MultiTaskDenseNet(Comparator):
     """
 
     TASK_WEIGHTS = {"ce": 0.4, "gcs": 0.3, "age": 0.3}
-    INPUTS = ("ct", "gcs", "age")
+    gradcam_layer = "backbone.0"
 
     def __init__(self, gcs_task: str | None = None, age_task: bool = False, init_features: int = 64,
                  growth_rate: int = 32, block_config: tuple[int, ...] = (6, 12, 24, 16),
@@ -179,13 +204,16 @@ class MultiTaskDenseNet(Comparator):
         self.gcs_task = gcs_task
         heads = {"prognosis": 2, "gcs": {None: 0, "binary": 1, "ordinal": 2}[gcs_task], "age": int(age_task)}
         self.heads = nn.ModuleDict({name: nn.Linear(channels, k) for name, k in heads.items() if k})
+        self.targets = ("gcs",) * bool(gcs_task) + ("age",) * age_task
+        self.auxiliary_tasks = ({None: (), "binary": ("p_gcs_le8",), "ordinal": ("gcs_class",)}[gcs_task]
+                                + ("p_age_ge80",) * age_task)
 
-    def forward(self, batch: dict) -> ComparatorOutput:
+    def head_outputs(self, batch: dict) -> HeadOutputs:
         h = self.backbone(batch["ct"])
         out = {name: head(h) for name, head in self.heads.items()}
-        return ComparatorOutput(out.pop("prognosis"), out)
+        return HeadOutputs(out.pop("prognosis"), out)
 
-    def auxiliary_predictions(self, out: ComparatorOutput) -> dict[str, torch.Tensor]:
+    def auxiliary_predictions(self, out: HeadOutputs) -> dict[str, torch.Tensor]:
         """``gcs_class`` (0: 13-15, 1: 9-12, 2: 3-8) or ``p_gcs_le8``, and ``p_age_ge80``."""
         preds = {}
         if "gcs" in out.aux:
@@ -202,7 +230,7 @@ class MultiTaskDenseNet(Comparator):
         """Targets of the GCS head: (B, 1) [GCS <= 8] or (B, 2) ordinal bits."""
         return encode_ordinal_gcs(gcs) if self.gcs_task == "ordinal" else (gcs <= 8).float()[:, None]
 
-    def loss(self, out: ComparatorOutput, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, out: HeadOutputs, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         terms = {"ce": ce_loss(out.logits, batch["labels"])}
         if "gcs" in out.aux:
             terms["gcs"] = _bce(out.aux["gcs"], self.gcs_targets(batch["gcs"]))
@@ -219,41 +247,35 @@ class MultiTaskDenseNet(Comparator):
 class Small3DCNN(Comparator):
     """Pérez del Barrio et al.'s baseline: four Conv3d blocks (16-32-64-128), global pool, linear."""
 
+    gradcam_layer = "features"
+
     def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128)):
         super().__init__()
         self.features = ConvStack(widths)
         self.head = nn.Linear(self.features.out_channels, 2)
 
-    def forward(self, batch: dict) -> ComparatorOutput:
-        return ComparatorOutput(self.head(global_pool(self.features(batch["ct"]))))
+    def head_outputs(self, batch: dict) -> HeadOutputs:
+        return HeadOutputs(self.head(global_pool(self.features(batch["ct"]))))
 
 
 class SliceCNN2D(Comparator):
-    """A 2D CNN on every axial slice; slice features pooled over the volume, then a linear head.
+    """A 2D CNN on every axial slice; slice features pooled over the volume with gated attention
+    weights (returned as ``aux["slice_weights"]``, (B, D)), then a linear head."""
 
-    ``pooling="attention"``: gated attention weights over slices (returned as ``aux["slice_weights"]``,
-    (B, D)); ``"meanmax"``: mean and max of the slice features concatenated.
-    """
-
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128), pooling: str = "attention"):
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128)):
         super().__init__()
-        if pooling not in ("attention", "meanmax"):
-            raise IchproError(f"pooling must be 'attention' or 'meanmax', not {pooling!r}")
         self.features = ConvStack(widths, dims=2)
         c = self.features.out_channels
-        self.attention = (nn.Sequential(nn.Linear(c, c // 2), nn.Tanh(), nn.Linear(c // 2, 1))
-                          if pooling == "attention" else None)
-        self.head = nn.Linear(c if self.attention is not None else 2 * c, 2)
+        self.attention = nn.Sequential(nn.Linear(c, c // 2), nn.Tanh(), nn.Linear(c // 2, 1))
+        self.head = nn.Linear(c, 2)
 
-    def forward(self, batch: dict) -> ComparatorOutput:
+    def head_outputs(self, batch: dict) -> HeadOutputs:
         ct = batch["ct"]
         b, _, d, h, w = ct.shape
         slices = global_pool(self.features(ct.transpose(1, 2).reshape(b * d, 1, h, w))).reshape(b, d, -1)
-        if self.attention is None:
-            return ComparatorOutput(self.head(torch.cat([slices.mean(1), slices.amax(1)], dim=1)))
         weights = self.attention(slices).squeeze(-1).softmax(dim=1)
         pooled = (weights.unsqueeze(-1) * slices).sum(1)
-        return ComparatorOutput(self.head(pooled), {"slice_weights": weights})
+        return HeadOutputs(self.head(pooled), {"slice_weights": weights})
 
 
 class ImageGCSLateFusion(Comparator):
@@ -262,34 +284,40 @@ class ImageGCSLateFusion(Comparator):
     The GCS is the ``gcs`` column of the ``clinical`` tensor (standardized with training stats).
     """
 
-    INPUTS = ("ct", "clinical")
+    inputs = ("ct", "clinical")
+    gradcam_layer = "features"
 
     def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128), hidden: int = 64):
         super().__init__()
         self.features = ConvStack(widths)
+        self.clinical = ClinicalStandardizer()
         self.head = mlp(self.features.out_channels + 1, hidden)
 
-    def forward(self, batch: dict) -> ComparatorOutput:
+    def head_outputs(self, batch: dict) -> HeadOutputs:
         image = global_pool(self.features(batch["ct"]))
-        gcs = batch["clinical"][:, CLINICAL_FEATURES.index("gcs"), None].to(image.dtype)
-        return ComparatorOutput(self.head(torch.cat([image, gcs], dim=1)))
+        gcs = self.clinical(batch["clinical"])[:, CLINICAL_FEATURES.index("gcs"), None].to(image.dtype)
+        return HeadOutputs(self.head(torch.cat([image, gcs], dim=1)))
 
 
 class ConcatLateFusion(Comparator):
-    """Late fusion of frozen encoders: pooled ``vision_features`` ++ masked-mean ``text_states`` -> MLP."""
+    """Late fusion of frozen encoders: pooled ``vision_features`` ++ masked-mean ``text_states`` -> MLP.
 
-    INPUTS = ("vision_features", "text_states")
+    Grad-CAM weighs the frozen feature maps (``vision_map``, an identity they pass through).
+    """
+
+    inputs = ("vision_features", "text_states", "attention_mask")
+    gradcam_layer = "vision_map"
 
     def __init__(self, vision_channels: int, text_dim: int, hidden: int = 128):
         super().__init__()
+        self.vision_map = nn.Identity()
         self.norm = nn.LayerNorm(vision_channels + text_dim)
         self.head = mlp(vision_channels + text_dim, hidden)
 
-    def forward(self, batch: dict) -> ComparatorOutput:
-        mask = batch["attention_mask"].unsqueeze(-1).to(batch["text_states"].dtype)
-        text = (batch["text_states"] * mask).sum(1) / mask.sum(1).clamp_min(1)
-        joint = torch.cat([global_pool(batch["vision_features"]), text], dim=1)
-        return ComparatorOutput(self.head(self.norm(joint)))
+    def head_outputs(self, batch: dict) -> HeadOutputs:
+        text = masked_mean(batch["text_states"], batch["attention_mask"])
+        joint = torch.cat([global_pool(self.vision_map(batch["vision_features"])), text], dim=1)
+        return HeadOutputs(self.head(self.norm(joint)))
 
 
 # --------------------------------------------------------------------------- joint quantification
@@ -301,128 +329,44 @@ class JointQuantification(Comparator):
     Original: a weight-shared upstream feature extractor trained on both tasks, two downstream heads,
     Grad-CAM maps; multi-task beats single-task. Kept: shared 3D ResNet (:class:`VisionEncoder`),
     both heads, the multi- vs single-task comparison (``volume_weight=0`` builds no volume head).
-    Our choices (not published): the head regresses log1p(volume mL) with a smooth-L1 (or MSE) loss
+    Our choices (not published): the head regresses log1p(volume mL) with a smooth-L1 loss
     weighted by ``volume_weight``. ``aux["volume_ml"]`` is the predicted volume in mL.
     """
 
-    INPUTS = ("ct", "volume_ml")
+    gradcam_layer = "encoder"
 
     def __init__(self, depth: int = 50, widths: tuple[int, int, int, int] = (64, 128, 256, 512),
-                 no_max_pool: bool = False, volume_weight: float = 1.0, volume_loss: str = "smooth_l1"):
+                 no_max_pool: bool = False, volume_weight: float = 1.0):
         super().__init__()
-        if volume_loss not in ("smooth_l1", "mse"):
-            raise IchproError(f"volume_loss must be 'smooth_l1' or 'mse', not {volume_loss!r}")
         self.encoder = VisionEncoder(depth, widths, no_max_pool)
         c = self.encoder.out_channels
         self.prognosis = nn.Linear(c, 2)
         self.volume = nn.Linear(c, 1) if volume_weight > 0 else None
         self.volume_weight = volume_weight
-        self.volume_loss = F.smooth_l1_loss if volume_loss == "smooth_l1" else F.mse_loss
+        if self.volume is not None:
+            self.targets, self.auxiliary_tasks = ("volume_ml",), ("volume_ml_pred",)
 
-    def forward(self, batch: dict) -> ComparatorOutput:
-        return self.from_features(self.encoder(batch["ct"]))
-
-    def from_features(self, maps: torch.Tensor) -> ComparatorOutput:
-        """The heads on the shared encoder's feature maps (B, C, d, h, w) (Grad-CAM hooks these)."""
-        h = global_pool(maps)
-        out = ComparatorOutput(self.prognosis(h))
+    def head_outputs(self, batch: dict) -> HeadOutputs:
+        h = global_pool(self.encoder(batch["ct"]))
+        out = HeadOutputs(self.prognosis(h))
         if self.volume is not None:
             log_volume = self.volume(h)[:, 0]
             out.aux = {"log1p_volume": log_volume, "volume_ml": torch.expm1(log_volume).clamp_min(0)}
         return out
 
-    def auxiliary_predictions(self, out: ComparatorOutput) -> dict[str, torch.Tensor]:
+    def auxiliary_predictions(self, out: HeadOutputs) -> dict[str, torch.Tensor]:
         """``volume_ml_pred``: the predicted haematoma volume (mL), when there is a volume head."""
         return {"volume_ml_pred": out.aux["volume_ml"].float()} if "volume_ml" in out.aux else {}
 
-    def loss(self, out: ComparatorOutput, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, out: HeadOutputs, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         ce, terms = super().loss(out, batch)
         if self.volume is None:
             return ce, terms
-        volume = self.volume_loss(out.aux["log1p_volume"].float(), torch.log1p(batch["volume_ml"].float()))
+        volume = F.smooth_l1_loss(out.aux["log1p_volume"].float(), torch.log1p(batch["volume_ml"].float()))
         return ce + self.volume_weight * volume, {**terms, "volume": volume.item()}
 
 
 # --------------------------------------------------------------------------- VDAFM
-
-
-#: Blood on a non-contrast CT (HU); the paper's window [15, 400] keeps it well inside [0, 1].
-BLOOD_HU = (50.0, 100.0)
-_REPORT = ("Hyperdense haematoma of {volume} ml in the {side} hemisphere, {level} third. "
-           "Blood {reach} the midline.")
-_NO_BLOOD = "No hyperdense haematoma."
-_CHOICES = {"side": ("right", "left"), "level": ("inferior", "middle", "superior"),
-            "reach": ("reaches", "does not reach"), "volume": ("less than 1",)}
-_TOKEN = re.compile(r"[a-z]+|\d|[^\sa-z\d]")
-_WRITTEN = " ".join([re.sub(r"\{\w+\}", " ", _REPORT), _NO_BLOOD, "0123456789", *sum(_CHOICES.values(), ())])
-#: The template's whole vocabulary: padding, unknown, digits, and every word and mark it writes.
-TEMPLATE_VOCAB = ("[pad]", "[unk]", *sorted(set(_TOKEN.findall(_WRITTEN.lower()))))
-TEMPLATE_MAX_TOKENS = 48
-
-
-def measure_ct(ct: torch.Tensor, voxel_ml: float, window: tuple[float, float] = PAPER_WINDOW,
-               blood_hu: tuple[float, float] = BLOOD_HU, midline_band: float = 0.1) -> dict:
-    """Haematoma measurements of a windowed, skull-stripped CT (1, D, H, W) on the model's axes.
-
-    Voxels whose HU (undoing ``window``) lies in ``blood_hu`` are blood; the largest connected
-    blob is the haematoma. Returns its ``volume_ml`` (voxels x ``voxel_ml``), the ``side`` of its
-    centroid (W runs from the patient's right to left), the ``level`` (third of the slices,
-    D inferior -> superior) and ``near_midline`` (a blood voxel within ``midline_band`` of the
-    width from the central column). Without skull stripping, partial-volume bone edges pass as blood.
-    """
-    lo, hi = window
-    hu = lo + ct[0].detach().float().cpu().numpy() * (hi - lo)
-    labels, n = ndimage.label((hu >= blood_hu[0]) & (hu <= blood_hu[1]))
-    if n == 0:
-        return {"volume_ml": 0.0, "side": None, "level": None, "near_midline": False}
-    sizes = np.bincount(labels.ravel())[1:]
-    blob = labels == 1 + int(np.argmax(sizes))
-    z, _, x = (idx.astype(float) for idx in np.nonzero(blob))
-    depth, width = hu.shape[0], hu.shape[2]
-    centre = (width - 1) / 2
-    return {
-        "volume_ml": float(blob.sum() * voxel_ml),
-        "side": "right" if x.mean() < centre else "left",
-        "level": _CHOICES["level"][min(int(3 * (z.mean() + 0.5) / depth), 2)],
-        "near_midline": bool((np.abs(x - centre) <= midline_band * width).any()),
-    }
-
-
-def measure_ct_file(path: str) -> dict:
-    """:func:`measure_ct` of a CT file at its own resolution: skull-stripped, in the paper's window,
-    voxels in (slice, row, column) order with columns running from the patient's right to left
-    (RAS x, the patient's left to right, reversed)."""
-    hu, affine = load_ct(path)
-    lo, hi = PAPER_WINDOW
-    windowed = np.where(brain_mask(hu), np.clip((hu - lo) / (hi - lo), 0.0, 1.0), 0.0)
-    ct = torch.from_numpy(np.ascontiguousarray(windowed[::-1].transpose(2, 1, 0)))[None]
-    return measure_ct(ct, abs(np.linalg.det(affine[:3, :3])) / 1000, (lo, hi))
-
-
-def image_report(measurements: dict) -> str:
-    """Deterministic semi-structured text from :func:`measure_ct`'s measurements.
-
-    VDAFM has a language model write this text from the image; no language model is available
-    offline, so a fixed template writes it from the image-derived measurements instead.
-    """
-    volume = measurements["volume_ml"]
-    if volume <= 0:
-        return _NO_BLOOD
-    reach = _CHOICES["reach"][0 if measurements["near_midline"] else 1]
-    return _REPORT.format(volume=_CHOICES["volume"][0] if volume < 1 else f"{volume:.0f}",
-                          side=measurements["side"], level=measurements["level"], reach=reach)
-
-
-def template_tokens(texts: list[str], max_tokens: int = TEMPLATE_MAX_TOKENS
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (B, L) in :data:`TEMPLATE_VOCAB` (one token per word, mark or digit) and the mask."""
-    index = {token: i for i, token in enumerate(TEMPLATE_VOCAB)}
-    rows = [[index.get(t, 1) for t in _TOKEN.findall(text.lower())][:max_tokens] for text in texts]
-    length = max(len(row) for row in rows)
-    ids = torch.zeros(len(rows), length, dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, : len(row)] = torch.tensor(row)
-    return ids, (ids != 0).long()
 
 
 class TemplateTextEncoder(nn.Module):
@@ -474,41 +418,41 @@ class VDAFM(Comparator):
     modalities. Kept: the three modalities, the vision vector as the query of attention over the
     text tokens and over the table's feature tokens, fusion of the three vectors, and
     loss = CE + ``align_weight`` x (InfoNCE(image, text) + InfoNCE(image, table)), each symmetric.
-    Changed: the text comes from a template (:func:`image_report`), not an LLM, and is encoded by
-    a small trainable encoder (:class:`TemplateTextEncoder`), or, with ``text_dim``, projected from
-    frozen text-encoder states of the template given as ``image_text_states`` (B, L, text_dim).
+    Changed: the text comes from a template (:func:`ichpro.image_report.image_report`), not an LLM,
+    and is encoded by a small trainable encoder (:class:`TemplateTextEncoder`).
     """
 
-    INPUTS = ("ct", "clinical", "image_text")
+    inputs = ("ct", "clinical", "image_text_ids", "image_text_mask")
+    gradcam_layer = "encoder"
 
     def __init__(self, depth: int = 50, widths: tuple[int, int, int, int] = (64, 128, 256, 512),
-                 no_max_pool: bool = False, dim: int = 256, heads: int = 8, text_dim: int | None = None,
+                 no_max_pool: bool = False, dim: int = 256, heads: int = 8,
                  align_weight: float = 0.1, temperature: float = 0.07):
         super().__init__()
         self.encoder = VisionEncoder(depth, widths, no_max_pool)
         self.vision = nn.Linear(self.encoder.out_channels, dim)
-        self.text = TemplateTextEncoder(dim, heads) if text_dim is None else nn.Linear(text_dim, dim)
+        self.text = TemplateTextEncoder(dim, heads)
+        self.clinical = ClinicalStandardizer()
         self.table = FeatureTokens(len(CLINICAL_FEATURES), dim)
         self.text_query, self.table_query = VisionQuery(dim, heads), VisionQuery(dim, heads)
         self.head = mlp(3 * dim, dim)
         self.align_weight, self.temperature = align_weight, temperature
 
-    def forward(self, batch: dict) -> ComparatorOutput:
+    def head_outputs(self, batch: dict) -> HeadOutputs:
         v = self.vision(global_pool(self.encoder(batch["ct"])))
         mask = batch["image_text_mask"]
-        tokens = (self.text(batch["image_text_ids"], mask) if isinstance(self.text, TemplateTextEncoder)
-                  else self.text(batch["image_text_states"]))
+        tokens = self.text(batch["image_text_ids"], mask)
         t, text_weights = self.text_query(v, tokens, mask == 0)
-        c, table_weights = self.table_query(v, self.table(batch["clinical"]))
-        return ComparatorOutput(self.head(torch.cat([v, t, c], dim=1)), {
+        c, table_weights = self.table_query(v, self.table(self.clinical(batch["clinical"])))
+        return HeadOutputs(self.head(torch.cat([v, t, c], dim=1)), {
             "vision_embedding": v, "text_embedding": t, "table_embedding": c,
             "text_attention": text_weights, "table_attention": table_weights})
 
-    def loss(self, out: ComparatorOutput, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, out: HeadOutputs, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
         ce, terms = super().loss(out, batch)
         v = out.aux["vision_embedding"]
-        text = _symmetric_info_nce(v, out.aux["text_embedding"], self.temperature)
-        table = _symmetric_info_nce(v, out.aux["table_embedding"], self.temperature)
+        text = symmetric_info_nce(v, out.aux["text_embedding"], self.temperature)
+        table = symmetric_info_nce(v, out.aux["table_embedding"], self.temperature)
         total = ce + self.align_weight * (text + table)
         return total, {**terms, "align_text": text.item(), "align_table": table.item()}
 
@@ -532,42 +476,35 @@ RESNET_SIZES = {
     "cpu": dict(depth=18, widths=(16, 32, 64, 128), no_max_pool=False),
     "paper": dict(depth=50, widths=(64, 128, 256, 512), no_max_pool=False),
 }
-#: Hidden size of each profile's text encoder (tiny BERT, MiniLM, BioClinicalBERT).
-TEXT_HIDDEN = {"smoke": 64, "cpu": 384, "paper": 768}
+def _densenet(cfg: ModelConfig, text_hidden: int | None, gcs_task: str | None = None,
+              age_task: bool = False) -> MultiTaskDenseNet:
+    return MultiTaskDenseNet(gcs_task, age_task, **DENSENET_SIZES[cfg.comparator_size])
 
 
-def _checked(size: str) -> str:
-    if size not in SIZES:
-        raise IchproError(f"unknown comparator size {size!r}; choose one of {', '.join(SIZES)}")
-    return size
+def _quantification(cfg: ModelConfig, text_hidden: int | None, volume_weight: float = 1.0
+                    ) -> JointQuantification:
+    return JointQuantification(**RESNET_SIZES[cfg.comparator_size], volume_weight=volume_weight)
 
 
-def _densenet(size: str, gcs_task: str | None = None, age_task: bool = False) -> MultiTaskDenseNet:
-    return MultiTaskDenseNet(gcs_task, age_task, **DENSENET_SIZES[_checked(size)])
+def _vdafm(cfg: ModelConfig, text_hidden: int | None) -> VDAFM:
+    return VDAFM(**RESNET_SIZES[cfg.comparator_size], dim=cfg.dim, heads=cfg.heads)
 
 
-def _quantification(size: str, volume_weight: float = 1.0) -> JointQuantification:
-    return JointQuantification(**RESNET_SIZES[_checked(size)], volume_weight=volume_weight)
-
-
-def _vdafm(size: str) -> VDAFM:
-    m = PROFILES[_checked(size)].model
-    return VDAFM(**RESNET_SIZES[size], dim=m.dim, heads=m.heads)
-
-
-def _concat_late(size: str) -> ConcatLateFusion:
+def _concat_late(cfg: ModelConfig, text_hidden: int | None) -> ConcatLateFusion:
     """Sized for the profile's frozen encoders, which produce ``vision_features`` and ``text_states``."""
-    m = PROFILES[_checked(size)].model
-    channels = m.vision_widths[3] * (4 if RESNET_LAYERS[m.vision_depth][0] == "bottleneck" else 1)
-    return ConcatLateFusion(channels, TEXT_HIDDEN[size])
+    if text_hidden is None:
+        raise IchproError("concat_late reads the text encoder's states: give its hidden size")
+    channels = cfg.vision_widths[3] * (4 if RESNET_LAYERS[cfg.vision_depth][0] == "bottleneck" else 1)
+    return ConcatLateFusion(channels, text_hidden)
 
 
-def _cnn(cls: type[Comparator], size: str) -> Comparator:
-    return cls(CNN_WIDTHS[_checked(size)])
+def _cnn(cls: type[Comparator], cfg: ModelConfig, text_hidden: int | None) -> Comparator:
+    return cls(CNN_WIDTHS[cfg.comparator_size])
 
 
-#: name -> constructor taking ``size`` ("smoke" | "cpu" | "paper").
-COMPARATORS: dict[str, Callable[[str], Comparator]] = {
+#: name -> constructor taking the ModelConfig (its ``comparator_size``: "smoke" | "cpu" | "paper", and
+#: the frozen encoders' sizes) and the text encoder's hidden size.
+COMPARATORS: dict[str, Callable[[ModelConfig, int | None], Comparator]] = {
     "densenet": _densenet,
     "densenet+bin_age": partial(_densenet, age_task=True),
     "densenet+bin_gcs": partial(_densenet, gcs_task="binary"),
@@ -584,8 +521,13 @@ COMPARATORS: dict[str, Callable[[str], Comparator]] = {
 }
 
 
-def build_comparator(name: str, size: str) -> Comparator:
-    """The comparator ``name`` of :data:`COMPARATORS` at ``size`` (clear error for an unknown name)."""
+def build_comparator(name: str, cfg: ModelConfig, text_hidden: int | None = None) -> Comparator:
+    """The comparator ``name`` of :data:`COMPARATORS` at ``cfg.comparator_size``, reading its CT at
+    ``cfg.comparator_input`` (None: the preprocessed size); ``text_hidden``, the text encoder's
+    hidden size, is needed by the late fusion of the frozen encoders only. Clear error for an
+    unknown name."""
     if name not in COMPARATORS:
         raise IchproError(f"unknown comparator {name!r}; choose one of {', '.join(COMPARATORS)}")
-    return COMPARATORS[name](size)
+    model = COMPARATORS[name](cfg, text_hidden)
+    model.ct_size = None if cfg.comparator_input is None else tuple(cfg.comparator_input)
+    return model

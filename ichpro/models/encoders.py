@@ -86,6 +86,12 @@ class TextEncoder(nn.Module):
         return self.bert.get_input_embeddings()
 
 
+def masked_mean(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of token states (B, L, H) over the positions ``attention_mask`` (B, L) keeps: (B, H)."""
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)
+    return (states * mask).sum(1) / mask.sum(1).clamp_min(1)
+
+
 def freeze(module: nn.Module) -> None:
     """Stop gradients into ``module`` (the model keeps frozen encoders in eval mode)."""
     for p in module.parameters():

@@ -229,7 +229,6 @@ class FusionStack(nn.Module):
             raise IchproError(f"unknown modality {modality!r}; choose one of {MODALITIES}")
         if dim % heads:
             raise IchproError(f"fusion width {dim} is not divisible by {heads} attention heads")
-        self.structure = structure if modality == "both" else f"{modality} only"
         self.stages = nn.ModuleList()
         self.map_grids: dict[str, Grid] = {}  # attention map name -> grid of its key positions
         kinds = structure.split("-") if modality == "both" else ["self-over-one"]

@@ -1,0 +1,89 @@
+"""Checkpoint I/O: atomic writes, weights and optimizer state as safetensors plus JSON, RNG state.
+
+Nothing is ever unpickled. A module may declare ``frozen_prefixes``, the state-dict prefixes of
+frozen encoders that are rebuilt from the config and seed instead of being saved.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ichpro.errors import IchproError
+
+
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """Call ``write`` on a temporary file beside ``path``, then rename it to ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically."""
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1, default=str) + "\n"))
+
+
+def _skipped(module: nn.Module) -> tuple[str, ...]:
+    return tuple(getattr(module, "frozen_prefixes", ()))
+
+
+def save_weights(path: Path, module: nn.Module) -> None:
+    """Save a module's state dict as safetensors, atomically; frozen encoders and tied copies are left out."""
+    skip = _skipped(module)
+    state, seen = {}, set()
+    for key, value in module.state_dict().items():
+        if key.startswith(skip) or (value.numel() and value.data_ptr() in seen):
+            continue
+        seen.add(value.data_ptr())
+        state[key] = value.detach().cpu().contiguous().clone()
+    atomic_write(path, lambda p: save_file(state, str(p)))
+
+
+def load_weights(path: Path, module: nn.Module) -> None:
+    """Load weights saved by :func:`save_weights` into a module built from the same config."""
+    missing, unexpected = module.load_state_dict(load_file(str(path)), strict=False)
+    skip = _skipped(module)
+    absent = [k for k in missing if not k.startswith(skip) and not k.endswith("word_embeddings.weight")]
+    if absent or unexpected:
+        raise IchproError(f"{path} does not fit this model: missing {absent[:3]}, "
+                          f"unexpected {sorted(unexpected)[:3]}")
+
+
+def save_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> dict:
+    """Optimizer tensors to safetensors; returns the JSON-able rest (steps, hyper-parameters)."""
+    state = optimizer.state_dict()
+    tensors = {f"{idx}.{name}": value.detach().cpu().contiguous()
+               for idx, entry in state["state"].items() for name, value in entry.items()
+               if torch.is_tensor(value)}
+    atomic_write(path, lambda p: save_file(tensors, str(p)))
+    return {"param_groups": state["param_groups"]}
+
+
+def load_optimizer(path: Path, meta: dict, optimizer: torch.optim.Optimizer) -> None:
+    """Restore an optimizer saved by :func:`save_optimizer`."""
+    entries: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(path)).items():
+        idx, name = key.split(".", 1)
+        entries.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": entries, "param_groups": meta["param_groups"]})
+
+
+def rng_state() -> str:
+    """torch's global RNG state as text (for a JSON state file)."""
+    return base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()
+
+
+def set_rng_state(encoded: str) -> None:
+    """Restore the state :func:`rng_state` returned."""
+    raw = np.frombuffer(base64.b64decode(encoded), dtype=np.uint8).copy()
+    torch.set_rng_state(torch.from_numpy(raw))
