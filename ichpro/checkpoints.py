@@ -7,6 +7,7 @@ frozen encoders that are rebuilt from the config and seed instead of being saved
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -26,6 +28,23 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
     os.replace(tmp, path)
+
+
+def file_digest(path: Path) -> str | None:
+    """sha256 of a file's bytes (None when it does not exist)."""
+    if not path.is_file():
+        return None
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def read_json(path: Path, what: str) -> Any:
+    """A JSON file written by :func:`write_json`; an IchproError naming it when it is not valid JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise IchproError(f"{path} ({what}) is damaged ({err}): delete it, or the folder holding it, "
+                          "and run again") from None
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -51,12 +70,21 @@ def save_weights(path: Path, module: nn.Module) -> None:
 
 def load_weights(path: Path, module: nn.Module) -> None:
     """Load weights saved by :func:`save_weights` into a module built from the same config."""
-    missing, unexpected = module.load_state_dict(load_file(str(path)), strict=False)
+    missing, unexpected = module.load_state_dict(read_safetensors(path), strict=False)
     skip = _skipped(module)
     absent = [k for k in missing if not k.startswith(skip) and not k.endswith("word_embeddings.weight")]
     if absent or unexpected:
         raise IchproError(f"{path} does not fit this model: missing {absent[:3]}, "
                           f"unexpected {sorted(unexpected)[:3]}")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; an IchproError naming the file when it is missing or damaged."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise IchproError(f"{path} cannot be read ({err}): it is missing, truncated or damaged; "
+                          "retrain the run (or the fold whose folder holds it, with --resume)") from None
 
 
 def save_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> dict:
@@ -72,7 +100,7 @@ def save_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> dict:
 def load_optimizer(path: Path, meta: dict, optimizer: torch.optim.Optimizer) -> None:
     """Restore an optimizer saved by :func:`save_optimizer`."""
     entries: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in load_file(str(path)).items():
+    for key, value in read_safetensors(path).items():
         idx, name = key.split(".", 1)
         entries.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": entries, "param_groups": meta["param_groups"]})

@@ -154,14 +154,13 @@ def _table(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    import pandas as pd
-
     from ichpro.metrics import metrics_table
+    from ichpro.train import OOF_FILE, read_predictions
 
-    path = Path(args.run) / "oof_predictions.csv"
+    path = Path(args.run) / OOF_FILE
     if not path.is_file():
         raise IchproError(f"{path} not found: train first (ichpro train ... --out {args.run})")
-    oof = pd.read_csv(path)
+    oof = read_predictions(path)
     table = metrics_table(oof["label"], oof["p_bad"], n_boot=args.n_boot, seed=args.seed)
     table.to_csv(Path(args.run) / "metrics_summary.csv", index=False)
     print(f"{len(oof)} patients, {int(oof['label'].sum())} bad outcomes; 95 % bootstrap CIs "

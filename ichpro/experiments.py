@@ -40,7 +40,7 @@ from ichpro.paper import reported_tables
 from ichpro.plots import plot_table_auc, save_figure
 from ichpro.reports import drop_field
 from ichpro.runtime import resolve_device
-from ichpro.train import OOF_FILE, cross_validate, prepare_vision_weights
+from ichpro.train import OOF_FILE, cross_validate, prepare_vision_weights, read_predictions
 
 TABLE_METRICS = ("accuracy", "recall", "precision", "f1", "auc")
 #: the oracle probability column of truth.csv that bounds a row, by the inputs the row sees
@@ -226,7 +226,7 @@ def run_rows(rows: list[Row], profile: Profile, manifest: pd.DataFrame, out: str
     """Each row's out-of-fold predictions with ``seed``, trained first where not finished
     (:func:`train_rows` and its options)."""
     train_rows([(row, seed) for row in rows], profile, manifest, out, **run_options)
-    return {row.name: pd.read_csv(row_folder(out, profile, row, seed) / OOF_FILE) for row in rows}
+    return {row.name: read_predictions(row_folder(out, profile, row, seed) / OOF_FILE) for row in rows}
 
 
 def summarize(rows: list[Row], predictions: dict[str, pd.DataFrame], paper_table: str | None,

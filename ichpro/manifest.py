@@ -49,12 +49,15 @@ def load_manifest(path: str | Path) -> pd.DataFrame:
             f"manifest {path} cannot be read as CSV ({err}): save it as comma-separated UTF-8 text"
         ) from err
     df.columns = df.columns.str.strip()
-    root = path.resolve().parent
+    return checked_manifest(df, path.resolve().parent, f"manifest {path}")
+
+
+def checked_manifest(df: pd.DataFrame, root: Path, name: str) -> pd.DataFrame:
+    """``df`` checked (a ManifestError listing every problem, ``name`` saying whose) and normalised:
+    absolute paths, report text, integer label, float clinical columns."""
     problems = check_manifest(df, root)
     if problems:
-        raise ManifestError(
-            "\n".join([f"manifest {path} has {len(problems)} problem(s):", *problems])
-        )
+        raise ManifestError("\n".join([f"{name} has {len(problems)} problem(s):", *problems]))
     return _normalise(df, root)
 
 
@@ -106,9 +109,9 @@ def _row_problems(
         return [f"{where}: the row is empty: delete it."]
     found = [
         _id_problem(pid, row, first_row_of) if "patient_id" in record else None,
-        _ct_problem(record["ct_path"], root) if "ct_path" in record else None,
+        ct_problem(record["ct_path"], root) if "ct_path" in record else None,
         _label_problem(record),
-        _report_problem(record, root),
+        report_problem(record, root),
         *(_numeric_problem(record, column) for column in NUMERIC_COLUMNS if column in record),
     ]
     return [f"{where}: {problem}" for problem in found if problem]
@@ -127,7 +130,7 @@ def _id_problem(pid: str, row: int, first_row_of: dict[str, int]) -> str | None:
     return None
 
 
-def _ct_problem(value: Any, root: Path) -> str | None:
+def ct_problem(value: Any, root: Path) -> str | None:
     """A missing, unreadable or non-3D CT (header-only check)."""
     text = _text(value)
     if not text:
@@ -135,8 +138,8 @@ def _ct_problem(value: Any, root: Path) -> str | None:
     path = _resolve(text, root)
     if not path.exists():
         return (
-            f"CT {path} does not exist: fix ct_path "
-            f"(relative paths are read from the manifest's folder {root})."
+            f"CT {path} does not exist: fix its path "
+            f"(relative paths are read from {root})."
         )
     try:
         ct_geometry(path)
@@ -146,22 +149,27 @@ def _ct_problem(value: Any, root: Path) -> str | None:
 
 
 def _label_problem(record: dict[Hashable, Any]) -> str | None:
-    """A label outside {0, 1}, or (without a label column) a GOS outside 1..5."""
+    """A label outside {0, 1}, a GOS outside 1..5 (where given), or a label the GOS contradicts."""
     if "label" in record:
         value = _text(record["label"])
         if _number(value) not in (0, 1):
             return f"label is {_shown(value)}: set it to 0 (good outcome) or 1 (bad outcome)."
-    elif "gos" in record:
-        value = _text(record["gos"])
-        if _number(value) not in (1, 2, 3, 4, 5):
+    if "gos" in record:
+        gos = _text(record["gos"])
+        if _number(gos) not in (1, 2, 3, 4, 5) and (gos or "label" not in record):
             return (
-                f"gos is {_shown(value)}: set it to the Glasgow Outcome Scale score, "
+                f"gos is {_shown(gos)}: set it to the Glasgow Outcome Scale score, "
                 "a whole number from 1 to 5."
+            )
+        if "label" in record and gos and _number(record["label"]) != (_number(gos) <= 3):
+            return (
+                f"label {_text(record['label'])} contradicts gos {gos} (bad outcome = GOS <= 3): "
+                "fix one of them or drop one column."
             )
     return None
 
 
-def _report_problem(record: dict[Hashable, Any], root: Path) -> str | None:
+def report_problem(record: dict[Hashable, Any], root: Path) -> str | None:
     """An empty report, or a report file that is missing, empty or not UTF-8."""
     if "report" not in record and "report_path" not in record:
         return None  # already reported as a missing column
@@ -176,8 +184,8 @@ def _report_problem(record: dict[Hashable, Any], root: Path) -> str | None:
     path = _resolve(path_text, root)
     if not path.is_file():
         return (
-            f"report file {path} does not exist: fix report_path "
-            f"(relative paths are read from the manifest's folder {root})."
+            f"report file {path} does not exist: fix its path "
+            f"(relative paths are read from {root})."
         )
     try:
         text = path.read_text(encoding="utf-8")
@@ -203,7 +211,7 @@ def _normalise(df: pd.DataFrame, root: Path) -> pd.DataFrame:
     out["ct_path"] = [str(_resolve(_text(p), root)) for p in out["ct_path"]]
     if "mask_path" in out.columns:
         out["mask_path"] = [str(_resolve(_text(p), root)) if _text(p) else None for p in out["mask_path"]]
-    out["report"] = [_report_text(record, root) for record in df.to_dict("records")]
+    out["report"] = [report_text(record, root) for record in df.to_dict("records")]
     if "label" in out.columns:
         out["label"] = out["label"].map(_number).astype(int)
     else:
@@ -214,7 +222,7 @@ def _normalise(df: pd.DataFrame, root: Path) -> pd.DataFrame:
     return out
 
 
-def _report_text(record: dict[Hashable, Any], root: Path) -> str:
+def report_text(record: dict[Hashable, Any], root: Path) -> str:
     """The report text of a validated row: the 'report' cell, else the report file's content."""
     text = _text(record.get("report"))
     if text:

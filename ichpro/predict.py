@@ -29,6 +29,7 @@ from ichpro.clinical import CLINICAL_BASELINES
 from ichpro.config import Profile, profile_from_dict
 from ichpro.errors import IchproError
 from ichpro.gradcam import grad_cam
+from ichpro.manifest import checked_manifest, ct_problem, report_problem, report_text
 from ichpro.models import ModelOutput, PrognosisModel
 from ichpro.plots import save_figure
 from ichpro.text import TextBackbone, load_text_backbone
@@ -36,6 +37,7 @@ from ichpro.train import CALIBRATION_FILE, encoders_profile, fresh_model
 
 #: the heat map of a model with fusion attention maps (ICHPro); a model without any gets Grad-CAM
 DEFAULT_ATTENTION = "stage1_cmaf_text_to_vision"
+REPORT_SUFFIXES = (".txt", ".md", ".rtf", ".text", ".doc", ".docx")
 
 
 @dataclass
@@ -95,23 +97,45 @@ def load_run(run_dir: str | Path) -> TrainedRun:
     return TrainedRun(profile, text, models, calibrations, seed)
 
 
+def _report_record(report: str) -> dict[str, str]:
+    """``{"report": text}`` or ``{"report_path": file}``: a file that exists, or a single word that
+    looks like a file name (a folder separator or a suffix such as ``.txt``), is a report file."""
+    looks_like_path = len(report.split()) == 1 and ("/" in report or "\\" in report
+                                                     or Path(report).suffix.lower() in REPORT_SUFFIXES)
+    is_file = len(report) < 4096 and Path(report).is_file()
+    return {"report_path" if is_file or looks_like_path else "report": report}
+
+
 def read_report(report: str) -> str:
-    """The report text: the argument itself, or the contents of the file it names."""
-    path = Path(report)
-    text = path.read_text() if len(report) < 4096 and path.is_file() else report
-    if not text.strip():
-        raise IchproError("the report is empty; pass the report text or a file holding it")
-    return text
+    """The report text: ``report`` itself or the file it names, checked as ``ichpro validate`` checks it."""
+    record = _report_record(report)
+    problem = _report_problem(record)
+    if problem:
+        raise IchproError(problem)
+    return report_text(record, Path.cwd())
+
+
+def _report_problem(record: dict[str, str]) -> str | None:
+    if not next(iter(record.values())).strip():
+        return "the report is empty: give the report's text, or a text file holding it."
+    return report_problem(record, Path.cwd())
+
+
+def patient_manifest(ct_path: str | Path, report: str) -> pd.DataFrame:
+    """The one-row manifest of a patient to predict, checked as ``ichpro validate`` checks a manifest."""
+    report_fields = _report_record(report)
+    problems = [p for p in (ct_problem(ct_path, Path.cwd()), _report_problem(report_fields)) if p]
+    record = {"patient_id": "patient", "ct_path": str(ct_path), "label": "0", **report_fields}
+    if problems:
+        raise IchproError("cannot predict: " + " ".join(problems))
+    return checked_manifest(pd.DataFrame([record]), Path.cwd(), "the patient to predict")
 
 
 def patient_batch(run: TrainedRun, ct_path: str | Path, report: str
                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The one-patient batch the run's models read, made as in training
     (:class:`~ichpro.batches.BatchSource`), and the preprocessed CT (1, 1, D, H, W)."""
-    if not Path(ct_path).exists():
-        raise IchproError(f"CT {ct_path} not found; give a NIfTI file or a DICOM series folder")
-    manifest = pd.DataFrame({"patient_id": ["patient"], "ct_path": [str(ct_path)],
-                             "report": [read_report(report)], "label": [0]})
+    manifest = patient_manifest(ct_path, report)
     cpu = torch.device("cpu")
     with tempfile.TemporaryDirectory(prefix="ichpro-predict-") as cache:  # the CT is preprocessed once
         source = BatchSource(manifest, run.profile, run.text, cache_dir=Path(cache))

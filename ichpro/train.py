@@ -7,10 +7,13 @@ A run folder holds everything a run needs to be resumed and audited::
     metrics.csv              one row per (fold, epoch): every loss term, validation loss and AUC
     oof_predictions.csv      patient_id, fold, p_bad, label, p_bad_uncalibrated, and the model's
                              auxiliary predictions: every patient once
-    fold{k}/last.safetensors, fold{k}/optimizer.safetensors, fold{k}/state.json   (each epoch)
-    fold{k}/best.safetensors                                                       (selected epoch)
+    fold{k}/last-{e}.safetensors, fold{k}/optimizer-{e}.safetensors    (epoch e, the last committed)
+    fold{k}/best-{e}.safetensors                                       (the best epoch so far)
+    fold{k}/state.json        the commit of an epoch: names and hashes the files above, holds the
+                              fold's metrics rows, the optimizer's settings and the RNG state
+    fold{k}/best.safetensors  the selected weights                     (fold finished)
     fold{k}/calibration.json  the selected model's Platt scaling (TrainConfig.calibration "platt")
-    fold{k}/predictions.csv                                                        (fold finished)
+    fold{k}/predictions.csv                                            (fold finished)
 
 ``p_bad`` in the predictions is the recalibrated P(bad outcome) (:mod:`ichpro.calibration`),
 ``p_bad_uncalibrated`` the model's own softmax.
@@ -18,15 +21,20 @@ A run folder holds everything a run needs to be resumed and audited::
 Each fold re-initialises the model, selects its checkpoint on an inner validation split of its
 training patients (never on the test fold) and predicts its test fold with that checkpoint.
 Checkpoints are written atomically (temporary file, then rename) as safetensors plus JSON; nothing
-is ever unpickled. With frozen encoders (the smoke and cpu profiles) every patient is encoded once
-and the folds train only the fusion, header and loss-specific parts on those features.
+is ever unpickled. An epoch becomes visible as one unit: its files are written under new names, then
+``state.json`` (the commit) names and hashes them, then the files of earlier epochs are deleted and
+``metrics.csv`` is rebuilt from the committed rows; a kill at any moment resumes from the last
+commit, and a damaged checkpoint is named (its hash differs) instead of being loaded.
+
+With frozen encoders (the smoke and cpu profiles) every patient is encoded once and the folds train
+only the fusion, header and loss-specific parts on those features.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -43,8 +51,10 @@ from ichpro.batches import BatchSource, batches
 from ichpro.calibration import IDENTITY, PlattScaling, margin
 from ichpro.checkpoints import (
     atomic_write,
+    file_digest,
     load_optimizer,
     load_weights,
+    read_json,
     rng_state,
     save_optimizer,
     save_weights,
@@ -67,7 +77,9 @@ from ichpro.runtime import Distributed, autocast, cosine_lr, init_distributed, r
 from ichpro.text import TextBackbone, load_text_backbone
 
 OOF_FILE = "oof_predictions.csv"  # a run's out-of-fold predictions: every patient once
+BEST_FILE = "best.safetensors"  # a finished fold's selected weights
 CALIBRATION_FILE = "calibration.json"  # a fold's PlattScaling, beside its best.safetensors
+STATE_FILE = "state.json"  # a fold's last committed epoch
 
 
 # --------------------------------------------------------------------------- one fold
@@ -156,7 +168,8 @@ class FoldTrainer:
         if distributed.world > 1:
             self.ddp_model = nn.parallel.DistributedDataParallel(
                 self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.state: dict[str, Any] = {"epoch": 0, "best_score": -np.inf, "stale": 0}
+        self.state: dict[str, Any] = {"epoch": 0, "best_score": -np.inf, "stale": 0, "files": {},
+                                      "metrics": []}
 
     def fit_training_patients(self) -> None:
         """Let the model fit what it takes from the fold's training patients (after ``source.prepare``)."""
@@ -165,25 +178,52 @@ class FoldTrainer:
 
     # -- persistence
     def resume(self) -> None:
-        """Continue from the last completed epoch saved in the fold folder, if any."""
-        state_path = self.folder / "state.json"
+        """Continue from the last committed epoch in the fold folder, if any: the files its
+        ``state.json`` names, checked against the hashes it holds."""
+        state_path = self.folder / STATE_FILE
         if not state_path.is_file():
             return
-        state = json.loads(state_path.read_text())
-        load_weights(self.folder / "last.safetensors", self.model)
-        load_optimizer(self.folder / "optimizer.safetensors", state.pop("optimizer"), self.optimizer)
+        state = read_json(state_path, "the fold's training state")
+        for role, name in state["files"].items():
+            if file_digest(self.folder / name) != state["sha256"][role]:
+                raise IchproError(f"{self.folder / name} is damaged or missing (its hash is not the one "
+                                  f"{STATE_FILE} recorded): delete the folder {self.folder} and run again "
+                                  "with --resume to retrain this fold")
+        load_weights(self.folder / state["files"]["last"], self.model)
+        load_optimizer(self.folder / state["files"]["optimizer"], state.pop("optimizer"), self.optimizer)
         set_rng_state(state.pop("rng"))
         self.state = state
 
-    def _checkpoint(self, improved: bool) -> None:
+    def _checkpoint(self, epoch: int, improved: bool, row: dict[str, Any], run_metrics: Path | None) -> None:
+        """Commit the epoch as one unit: its files under new names, then ``state.json`` naming and
+        hashing them (the commit), then the run's ``metrics.csv`` rebuilt from the committed rows."""
+        files = {"last": f"last-{epoch}.safetensors", "optimizer": f"optimizer-{epoch}.safetensors",
+                 "best": f"best-{epoch}.safetensors" if improved else self.state["files"].get("best")}
+        files = {role: name for role, name in files.items() if name is not None}
+        self.state.update(epoch=epoch, files=files, metrics=[*self.state["metrics"], row])
         if not self.distributed.is_main:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        save_weights(self.folder / "last.safetensors", self.model)
+        save_weights(self.folder / files["last"], self.model)
         if improved:
-            save_weights(self.folder / "best.safetensors", self.model)
-        meta = save_optimizer(self.folder / "optimizer.safetensors", self.optimizer)
-        write_json(self.folder / "state.json", {**self.state, "optimizer": meta, "rng": rng_state()})
+            save_weights(self.folder / files["best"], self.model)
+        meta = save_optimizer(self.folder / files["optimizer"], self.optimizer)
+        self.state["sha256"] = {role: file_digest(self.folder / name) for role, name in files.items()}
+        write_json(self.folder / STATE_FILE, {**self.state, "optimizer": meta, "rng": rng_state()})
+        for path in self.folder.glob("*-*.safetensors"):  # the files of earlier epochs
+            if path.name not in files.values():
+                path.unlink()
+        self.write_metrics(run_metrics)
+
+    def write_metrics(self, run_metrics: Path | None) -> None:
+        """The run's metrics: the other folds' rows as they are, this fold's committed rows."""
+        if run_metrics is None or not self.distributed.is_main:
+            return
+        rows = pd.DataFrame(self.state["metrics"])
+        if run_metrics.is_file():
+            others = pd.read_csv(run_metrics)
+            rows = pd.concat([others[others["fold"] != self.fold.index], rows], ignore_index=True)
+        atomic_write(run_metrics, lambda p: rows.to_csv(p, index=False))
 
     # -- steps
     def train_step(self, batch: dict[str, Any], update: bool = True) -> dict[str, float]:
@@ -255,6 +295,8 @@ class FoldTrainer:
     def fit(self, run_metrics: Path | None) -> pd.DataFrame:
         """Train to the end (or early stop), then predict the test fold with the best checkpoint."""
         cfg = self.profile.train
+        if self.state["metrics"]:  # a resumed fold: its committed rows, whatever the last kill left
+            self.write_metrics(run_metrics)
         epochs = tqdm(range(self.state["epoch"] + 1, cfg.epochs + 1), desc=f"fold {self.fold.index}",
                       leave=False, disable=self.quiet or not self.distributed.is_main)
         for epoch in epochs:
@@ -269,13 +311,12 @@ class FoldTrainer:
                 self.state.update(best_score=score, stale=0)
             else:
                 self.state["stale"] += 1
-            self.state["epoch"] = epoch
-            self._checkpoint(improved)
-            if run_metrics is not None and self.distributed.is_main:
-                pd.DataFrame([row]).to_csv(run_metrics, mode="a", index=False,
-                                           header=not run_metrics.exists())
-        if (self.folder / "best.safetensors").is_file():
-            load_weights(self.folder / "best.safetensors", self.model)
+            self._checkpoint(epoch, improved, row, run_metrics)
+        best = self.state["files"].get("best")
+        if best is not None:
+            load_weights(self.folder / best, self.model)
+            if self.distributed.is_main:
+                atomic_write(self.folder / BEST_FILE, lambda p: shutil.copyfile(self.folder / best, p))
         scaling = self.calibrate()
         columns = self.predict_columns(self.fold.test)
         m = columns.pop("margin")
@@ -288,6 +329,11 @@ class FoldTrainer:
 
 
 # --------------------------------------------------------------------------- cross-validation
+
+
+def read_predictions(path: Path) -> pd.DataFrame:
+    """A fold's or a run's predictions CSV, patient ids kept as written (``"000007"`` stays a string)."""
+    return pd.read_csv(path, dtype={"patient_id": str})
 
 
 def manifest_checksum(manifest: pd.DataFrame) -> str:
@@ -337,7 +383,7 @@ def cross_validate(profile: Profile, manifest: pd.DataFrame, run_dir: Path, *, s
     for fold in tqdm(folds, desc="folds", disable=quiet or not distributed.is_main):
         done = run_dir / f"fold{fold.index}" / "predictions.csv"
         if done.is_file():
-            predictions.append(pd.read_csv(done))
+            predictions.append(read_predictions(done))
             continue
         trainer = FoldTrainer(profile, source, text, fold, run_dir / f"fold{fold.index}", device,
                               seed, distributed, quiet)
@@ -381,7 +427,7 @@ def _claim_run_dir(run_dir: Path, record: dict, resume: bool) -> None:
     """Write run.json, or check that a resumed run folder belongs to the same config."""
     path = run_dir / "run.json"
     if path.is_file():
-        existing = json.loads(path.read_text())
+        existing = read_json(path, "the run record")
         if existing.get("config_hash") != record["config_hash"]:
             raise IchproError(f"{run_dir} holds a run of another config (hash {existing.get('config_hash')} "
                               f"!= {record['config_hash']}); use a new --out folder")

@@ -62,11 +62,14 @@ def test_run_folder_records_config_metrics_and_checkpoints(finished_run):
     assert expected <= set(metrics.columns)
     for k in range(3):
         folder = run / f"fold{k}"
-        assert {p.name for p in folder.iterdir()} >= {"best.safetensors", "last.safetensors",
-                                                      "optimizer.safetensors", "state.json",
-                                                      "predictions.csv"}
+        state = json.loads((folder / "state.json").read_text())
+        assert state["epoch"] == 3 and state["files"]["last"] == "last-3.safetensors"
+        kept = {"best.safetensors", "state.json", "predictions.csv", *state["files"].values()}
+        assert kept <= {p.name for p in folder.iterdir()}
         assert not list(folder.glob("*.tmp"))
-        assert json.loads((folder / "state.json").read_text())["epoch"] == 3
+        assert [p.name for p in folder.glob("*-*.safetensors")] != [] and all(  # earlier epochs deleted
+            p.name in state["files"].values() for p in folder.glob("*-*.safetensors"))
+        assert [row["epoch"] for row in state["metrics"]] == [1, 2, 3]
 
 
 def test_each_fold_is_recalibrated_on_its_inner_validation_split(finished_run):
@@ -220,19 +223,25 @@ def test_predict_rebuilds_each_fold_model_exactly(finished_run, smoke_cohort, tm
 
 
 def test_predict_rejects_bad_inputs_clearly(finished_run, smoke_cohort, tmp_path):
-    from ichpro.errors import ImageError
     from ichpro.predict import load_run, predict_patient
 
     with pytest.raises(IchproError, match="not a run folder"):
         load_run(tmp_path)
     run = load_run(finished_run[0])
     report = next((smoke_cohort / "reports").iterdir())
-    with pytest.raises(IchproError, match="not found"):
+    ct = next((smoke_cohort / "ct").glob("*[0-9].nii.gz"))
+    with pytest.raises(IchproError, match=r"cannot predict: CT .*missing.nii.gz does not exist"):
         predict_patient(run, tmp_path / "missing.nii.gz", "Age: 60")
-    with pytest.raises(ImageError, match="cannot be read"):
+    with pytest.raises(IchproError, match="cannot predict: .*is neither a NIfTI file"):
         predict_patient(run, report, "Age: 60")
     with pytest.raises(IchproError, match="report is empty"):
-        predict_patient(run, next((smoke_cohort / "ct").glob("*[0-9].nii.gz")), "  ")
+        predict_patient(run, ct, "  ")
+    with pytest.raises(IchproError, match=r"report file .*notes/typo.txt does not exist"):
+        predict_patient(run, ct, "notes/typo.txt")  # a path, not a report
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("Âge: 60 ans, GCS 14".encode("latin-1"))
+    with pytest.raises(IchproError, match=r"latin1.txt is not UTF-8 text"):
+        predict_patient(run, ct, str(latin1))
 
 
 def test_a_frozen_fit_encodes_each_ct_once_and_end_to_end_every_step(manifest, ct_cache, tmp_path,
