@@ -174,7 +174,8 @@ class BatchSource:
         return {k: v[idx] for k, v in held.items()}
 
     def _store(self, into: dict[str, torch.Tensor], key: str, compute) -> None:
-        tensors, self.cache_hits[key.split("-")[0]] = cached(self.cache_dir, key, compute)
+        folder = None if self.cache_dir is None else self.cache_dir / "features"
+        tensors, self.cache_hits[key.split("-")[0]] = cached(folder, key, compute)
         into.update(tensors)
 
     def batch(self, idx: list[int], device: torch.device, epoch: int | None = None,

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import torch
-from monai.data import MetaTensor, NibabelReader, PersistentDataset, PydicomReader
+from monai.data import MetaTensor, NibabelReader, PydicomReader
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -36,7 +36,7 @@ from monai.transforms import (
     ScaleIntensityRanged,
     Transform,
 )
-from monai.utils import ImageMetaKey
+from monai.utils import ImageMetaKey, convert_to_tensor
 from nibabel.filebasedimages import ImageFileError
 from pydicom.errors import InvalidDicomError
 from scipy import ndimage
@@ -45,6 +45,7 @@ from torch.utils.data import Dataset
 
 from ichpro.config import PreprocessConfig
 from ichpro.errors import IchproError, ImageError
+from ichpro.features import cache_key, cached
 from ichpro.text import mask_tokens, tokenize
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -372,10 +373,30 @@ def config_hash(obj: Any) -> str:
 
 
 def make_dataset(df: pd.DataFrame, cfg: PreprocessConfig, cache_dir: Path | None = None) -> Dataset:
-    """Dataset of {"ct", "label", "patient_id", "report"} items, cached under cache_dir/config_hash(cfg)."""
-    items = [_item(record) for record in df.to_dict("records")]
-    cache = None if cache_dir is None else Path(cache_dir) / config_hash(cfg)
-    return PersistentDataset(items, transform=preprocess_transforms(cfg), cache_dir=cache)
+    """Dataset of {"ct", "label", "patient_id", "report"} items, each CT preprocessed once per
+    (file contents' size and mtime, ``cfg``) into ``cache_dir/config_hash(cfg)`` (checked on read:
+    :func:`ichpro.features.cached`)."""
+    folder = None if cache_dir is None else Path(cache_dir) / config_hash(cfg)
+    return PreprocessedCTs([_item(record) for record in df.to_dict("records")], cfg, folder)
+
+
+class PreprocessedCTs(Dataset):
+    """Manifest items with their CT preprocessed (``ct``: a (1, D, H, W) tensor), from the cache if there."""
+
+    def __init__(self, items: list[dict[str, Any]], cfg: PreprocessConfig, folder: Path | None):
+        self.items, self.folder, self.transform = items, folder, preprocess_transforms(cfg)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.items[index]
+        key = cache_key("ct", path=item["ct"], size=item["ct_size"], mtime_ns=item["ct_mtime_ns"])
+        tensors, _ = cached(self.folder, key, lambda: self.preprocess(item["ct"]))
+        return {**item, "ct": tensors["ct"]}
+
+    def preprocess(self, path: str) -> dict[str, torch.Tensor]:
+        return {"ct": convert_to_tensor(self.transform({"ct": path})["ct"], track_meta=False)}
 
 
 def _item(record: dict[Hashable, Any]) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Frozen encoders' outputs, computed once and cached on disk.
 
 When an encoder is frozen its output for a patient never changes, so a fit only needs it once. The
-outputs are cached as safetensors under ``<cache>/features/`` with a key (sha256) over everything
-that determines them:
+outputs are cached as safetensors under ``<cache>/features/`` (:func:`cached`, which the preprocessed
+CTs of :func:`ichpro.data.make_dataset` use too) with a key (sha256) over everything that
+determines them:
 
 * vision feature maps: the encoder's weights (their bytes), the preprocessing config and the
   contents of every CT file;
@@ -19,14 +20,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-FEATURES_VERSION = 1
+FEATURES_VERSION = 2
 
 
 def weights_digest(module: nn.Module) -> str:
@@ -67,17 +70,45 @@ def cache_key(kind: str, **parts: object) -> str:
     return f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:20]}"
 
 
-def cached(cache_dir: Path | None, key: str, compute: Callable[[], dict[str, torch.Tensor]]
+def cached(folder: Path | None, key: str, compute: Callable[[], dict[str, torch.Tensor]]
            ) -> tuple[dict[str, torch.Tensor], bool]:
-    """The tensors stored under ``key``, computed (and stored) when absent; also says whether it was a hit."""
-    if cache_dir is None:
+    """The tensors stored under ``key`` in ``folder``, computed (and stored) when absent or damaged;
+    also says whether it was a hit.
+
+    Each entry holds the sha256 of its tensors, checked on every read: a truncated or altered entry
+    is recomputed, with one line saying so. Writes go to a temporary file of the writing process and
+    are renamed into place, so processes sharing a cache never see a partial entry.
+    """
+    if folder is None:
         return compute(), False
-    path = Path(cache_dir) / "features" / f"{key}.safetensors"
+    path = Path(folder) / f"{key}.safetensors"
     if path.is_file():
-        return load_file(str(path)), True
-    tensors = compute()
+        tensors = _verified(path)
+        if tensors is not None:
+            return tensors, True
+        print(f"cache entry {path} is damaged (truncated or altered): recomputing it", file=sys.stderr)
+    tensors = {k: v.contiguous() for k, v in compute().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # ranks of a torchrun job may race
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata={"sha256": _tensors_checksum(tensors)})
     tmp.replace(path)
     return tensors, False
+
+
+def _tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(f"{name}:{tuple(tensors[name].shape)}:{tensors[name].dtype}".encode())
+        digest.update(_bytes(tensors[name]))
+    return digest.hexdigest()
+
+
+def _verified(path: Path) -> dict[str, torch.Tensor] | None:
+    """The entry's tensors if they match the checksum stored with them, else None."""
+    try:
+        with safe_open(str(path), "pt") as handle:
+            expected = (handle.metadata() or {}).get("sha256")
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError):
+        return None
+    return tensors if expected == _tensors_checksum(tensors) else None

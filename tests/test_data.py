@@ -159,13 +159,14 @@ def test_unusable_ct_is_reported(tmp_path: Path, kind: str, message: str) -> Non
     [
         (3, {"patient_id": ""}, r"row 3: patient_id is empty: give every row a unique"),
         (4, {"patient_id": "P0"}, r"'P0'\): patient_id 'P0' is already used on row 2: give each"),
-        (2, {"ct_path": "ct/gone.nii.gz"}, r"'P0'\): CT .*gone\.nii\.gz does not exist: fix ct_path"),
+        (2, {"ct_path": "ct/gone.nii.gz"}, r"'P0'\): CT .*gone\.nii\.gz does not exist: fix its path"),
         (2, {"ct_path": ""}, r"'P0'\): ct_path is empty: give the path"),
         (5, {"label": "2"}, r"'P3'\): label is '2': set it to 0 \(good outcome\) or 1"),
         (5, {"label": ""}, r"'P3'\): label is empty: set it to 0"),
         (2, {"report": " "}, r"'P0'\): the report is empty: write the clinical report"),
         (3, {"report_path": "reports/none.txt"}, r"'P1'\): report file .*none\.txt does not exist"),
         (4, {"age": "forty"}, r"'P2'\): age is 'forty', not a number: write a number"),
+        (3, {"gos": "5"}, r"'P1'\): label 1 contradicts gos 5 \(bad outcome = GOS <= 3\): fix one"),
     ],
 )
 def test_row_problem_is_reported(tmp_path: Path, row: int, values: dict, message: str) -> None:
@@ -361,7 +362,7 @@ def test_cache_is_reused_and_keyed_by_config_and_file(tmp_path: Path, monkeypatc
     cache = tmp_path / "cache"
     first = [item["ct"] for item in make_dataset(df, CFG, cache)]
     folder = cache / config_hash(CFG)
-    assert len(list(folder.glob("*.pt"))) == 3
+    assert len(list(folder.glob("*.safetensors"))) == 3
 
     def no_loading(self, data):
         raise AssertionError("the cache should have been used")
@@ -379,7 +380,7 @@ def test_cache_is_reused_and_keyed_by_config_and_file(tmp_path: Path, monkeypatc
     stat = changed.stat()
     os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     make_dataset(df, CFG, cache)[0]
-    assert len(list(folder.glob("*.pt"))) == 4
+    assert len(list(folder.glob("*.safetensors"))) == 4
 
 
 def test_config_hash_is_short_and_stable() -> None:

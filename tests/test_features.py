@@ -110,3 +110,60 @@ def test_digests_and_keys(tmp_path):
     compute = lambda: calls.append(1) or {"x": torch.ones(2)}  # noqa: E731
     assert cached(tmp_path, "k", compute)[1] is False and cached(tmp_path, "k", compute)[1] is True
     assert cached(None, "k", compute)[1] is False and len(calls) == 2
+
+
+def _damage(path, how):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if how == "truncated" else
+                     data[:-7] + bytes([data[-7] ^ 0xFF]) + data[-6:])
+
+
+@pytest.mark.parametrize("how", ["truncated", "flipped byte"])
+def test_a_damaged_cache_entry_is_recomputed_with_one_line(tmp_path, capsys, how):
+    tensors = {"x": torch.arange(1000, dtype=torch.float32)}
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return tensors
+
+    cached(tmp_path, "k", compute)
+    entry = tmp_path / "k.safetensors"
+    _damage(entry, how)
+    again, hit = cached(tmp_path, "k", compute)
+    assert not hit and len(calls) == 2 and torch.equal(again["x"], tensors["x"])
+    assert f"cache entry {entry} is damaged" in capsys.readouterr().err
+    assert cached(tmp_path, "k", compute)[1]  # healed: a hit again
+
+
+def test_a_damaged_preprocessed_ct_is_recomputed(manifest, tmp_path, capsys):
+    from ichpro.data import make_dataset
+
+    first = make_dataset(manifest.head(2), SMOKE.preprocess, tmp_path)[0]["ct"]
+    entry = next(tmp_path.rglob("*.safetensors"))
+    _damage(entry, "flipped byte")
+    assert torch.equal(make_dataset(manifest.head(2), SMOKE.preprocess, tmp_path)[0]["ct"], first)
+    assert "is damaged" in capsys.readouterr().err
+
+
+WRITER = """
+import sys, time, torch
+from ichpro.features import cached
+def compute():
+    time.sleep(0.5)
+    return {"x": torch.arange(200_000, dtype=torch.float32)}
+for _ in range(5):
+    tensors, _ = cached(sys.argv[1], sys.argv[2], compute)
+    assert torch.equal(tensors["x"], torch.arange(200_000, dtype=torch.float32))
+"""
+
+
+def test_two_processes_sharing_a_cache_never_read_a_partial_entry(tmp_path):
+    import subprocess
+    import sys
+
+    writers = [subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), f"k{i % 2}"],
+                                stderr=subprocess.PIPE, text=True) for i in range(4)]
+    errors = [w.communicate()[1] for w in writers]
+    assert all(w.returncode == 0 for w in writers), errors
+    assert not any("damaged" in e for e in errors) and not list(tmp_path.glob("*.tmp"))
