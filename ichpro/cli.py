@@ -12,6 +12,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -170,10 +171,18 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from ichpro.predict import load_run, predict_patient, save_heatmap
+    from ichpro.predict import load_run, predict_patient, read_report, save_heatmap
+    from ichpro.reports import field_status
 
     run = load_run(args.checkpoint)
     prediction = predict_patient(run, args.ct, args.report)
+    status = field_status(read_report(args.report))
+    if "given" not in status.values():
+        print(f"warning: the report gives none of the expected fields ({', '.join(status)}); the model "
+              "reads it as it is, but it was trained on reports that give them", file=sys.stderr)
+    elif set(status.values()) != {"given"}:
+        print("report fields not given: " + ", ".join(f"{name} ({state})" for name, state in status.items()
+                                                     if state != "given"))
     folds = ", ".join(f"{p:.3f}" for p in prediction.p_bad_per_fold)
     print(f"P(bad outcome) = {prediction.p_bad:.3f} (mean of {len(run.models)} fold models: {folds})")
     if args.heatmap:
@@ -316,9 +325,15 @@ def _add_run_options(p: argparse.ArgumentParser, out: str, resume: str) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``ichpro`` console script."""
+    """Entry point of the ``ichpro`` console script: errors and warnings as one line each."""
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        warnings.showwarning = _show_warning
     try:
         return args.func(args)
     except IchproError as err:

@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 
 from ichpro.cohort import func_score, ich_score
 from ichpro.errors import IchproError
-from ichpro.reports import POSITION_CATEGORIES, TREATMENTS, parse, position_category
+from ichpro.reports import EXAMPLE_REPORT, POSITION_CATEGORIES, TREATMENTS, parse, position_category, render
 
 #: Numeric fields of :func:`clinical_fields` (``location`` is the categorical one).
 NUMERIC_FIELDS = ("age", "male", "gcs", "volume_ml", "ivh", "midline_shift_mm", "onset_to_ct_min",
@@ -198,6 +198,13 @@ def clinical_baseline_cv(name: str, manifest: pd.DataFrame, folds: np.ndarray, s
     if name not in CLINICAL_BASELINES:
         raise IchproError(f"unknown clinical baseline {name!r}; "
                           f"choose one of {', '.join(CLINICAL_BASELINES)}")
+    fields = clinical_fields(manifest)
+    empty = fields[list(NUMERIC_FIELDS)].isna().all(axis=1) & fields["location"].isna()
+    if empty.any():
+        raise IchproError(f"{int(empty.sum())} patient(s) have no clinical field in their manifest columns "
+                          f"or report, e.g. {manifest['patient_id'][empty].iloc[0]!r}: the {name} baseline "
+                          "reads them; add the columns (age, gcs, volume_ml, ...) or write the report's "
+                          f"fields as {render(EXAMPLE_REPORT)!r}")
     features = (design_matrix(manifest) if name == "logistic_regression"
                 else clinical_scores(manifest)[[f"{name}_risk"]])
     return logistic_regression_cv(manifest, folds, seed, features), features.shape[1] + 1

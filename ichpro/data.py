@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -137,12 +138,34 @@ def _dicom_geometry(folder: Path) -> CTGeometry:
             f"CT folder {folder} has DICOM files without geometry ({err}): export the series "
             "with ImagePositionPatient, ImageOrientationPatient and PixelSpacing"
         ) from err
+    _check_slices(folder, headers, cosines)
     lps = np.eye(4)
     lps[:3, 0] = cosines[:3] * col_step  # the column index runs along the row direction
     lps[:3, 1] = cosines[3:] * row_step
     lps[:3, 2] = (end - start) / (len(headers) - 1)
     lps[:3, 3] = start
     return _geometry_from_affine(shape, _LPS_TO_RAS @ lps)
+
+
+def _check_slices(folder: Path, headers: list, cosines: np.ndarray) -> None:
+    """Raise ImageError for a series whose slices change orientation, repeat a position or leave a gap."""
+    try:
+        orientations = {tuple(np.round(np.array(h.ImageOrientationPatient, dtype=float), 3)) for h in headers}
+        normal = np.cross(cosines[:3], cosines[3:])
+        positions = np.sort([float(normal @ np.array(h.ImagePositionPatient, dtype=float)) for h in headers])
+    except AttributeError as err:
+        raise ImageError(f"CT folder {folder} has DICOM slices without geometry ({err}): export the series "
+                         "with ImagePositionPatient and ImageOrientationPatient on every slice") from err
+    if len(orientations) > 1:
+        raise ImageError(f"CT folder {folder} mixes {len(orientations)} slice orientations: it holds "
+                         "more than one acquisition; keep the slices of one in the folder")
+    gaps = np.diff(positions)
+    if (gaps < 1e-3).any():
+        raise ImageError(f"CT folder {folder} has {int((gaps < 1e-3).sum())} slice(s) at a position another "
+                         "slice already holds: remove the duplicated slices")
+    if gaps.max() > 1.5 * np.median(gaps):
+        raise ImageError(f"CT folder {folder} has a gap of {gaps.max():.2f} mm between slices spaced "
+                         f"{np.median(gaps):.2f} mm apart: slices are missing; export the complete series")
 
 
 def _check_shape(path: Path, shape: Sequence[int]) -> None:
@@ -201,7 +224,8 @@ def _read_ct(path: Path) -> MetaTensor:
 
 
 class CheckCTd(MapTransform):
-    """Raise ImageError (naming the file) for a non-3D, single-slice, non-finite or constant CT."""
+    """Raise ImageError (naming the file) for a non-3D, single-slice, non-finite or constant CT, or
+    one that does not look like a head CT in Hounsfield units (:func:`check_hounsfield`)."""
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -215,7 +239,40 @@ class CheckCTd(MapTransform):
                     f"CT {source} is empty (every voxel is {float(image.min()):g}): "
                     "give a CT with image content"
                 )
+            check_hounsfield(np.asarray(image), source)
         return d
+
+
+class CTWarning(UserWarning):
+    """A CT that may be legitimate but does not look like the head CTs the model was made for."""
+
+
+def check_hounsfield(hu: np.ndarray, source: Path) -> None:
+    """Raise ImageError unless the volume looks like a head CT in Hounsfield units (air near -1000,
+    brain 0-80 HU); warn (:class:`CTWarning`) when it has no bone, as after skull stripping."""
+    sample = hu.reshape(-1)[:: max(1, hu.size // 200_000)]
+    distinct = np.unique(sample)
+    if len(distinct) <= 16 and distinct.min() >= 0 and np.all(distinct == np.round(distinct)):
+        raise ImageError(f"CT {source} holds only {len(distinct)} distinct values ({_listed(distinct)}): "
+                         "it looks like a label map or mask, not a CT; give the CT volume")
+    low, high = np.percentile(sample, [0.5, 99.5])
+    if low > -500:
+        raise ImageError(f"CT {source} has no air (its lowest values are near {low:.0f}; air is near -1000 "
+                         "HU): it is not in Hounsfield units (stored values without the rescale intercept, "
+                         "an MR, or a normalised image); export the CT in HU")
+    brain = float(((sample >= 0) & (sample <= 80)).mean())
+    if brain < 0.005:
+        raise ImageError(f"CT {source} has almost no voxel in the brain's range 0-80 HU ({brain:.1%}): "
+                         "it is not a head CT in Hounsfield units (wrong units, offset or body part)")
+    if high < 300:
+        warnings.warn(f"CT {source} has no bone (99.5 % of its voxels are below {high:.0f} HU): is it "
+                      "skull-stripped or cropped already? The preprocessing finds the brain inside the "
+                      "skull", CTWarning, stacklevel=2)
+
+
+def _listed(values: np.ndarray) -> str:
+    shown = ", ".join(f"{v:g}" for v in values[:6])
+    return shown + (", ..." if len(values) > 6 else "")
 
 
 class BrainMaskd(Transform):

@@ -20,8 +20,9 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from ichpro.data import ct_geometry
+from ichpro.data import ct_geometry, load_ct
 from ichpro.errors import ImageError, ManifestError
+from ichpro.reports import EXAMPLE_REPORT, KEYS, field_status, render
 
 NUMERIC_COLUMNS = (
     "age",
@@ -131,7 +132,7 @@ def _id_problem(pid: str, row: int, first_row_of: dict[str, int]) -> str | None:
 
 
 def ct_problem(value: Any, root: Path) -> str | None:
-    """A missing, unreadable or non-3D CT (header-only check)."""
+    """A missing, unreadable or non-3D CT, or one that is not a head CT in Hounsfield units."""
     text = _text(value)
     if not text:
         return "ct_path is empty: give the path of the patient's CT (a NIfTI file or a DICOM folder)."
@@ -143,6 +144,7 @@ def ct_problem(value: Any, root: Path) -> str | None:
         )
     try:
         ct_geometry(path)
+        load_ct(path)  # the voxels: a CT in Hounsfield units (ichpro.data.check_hounsfield)
     except ImageError as err:
         return f"{err}."
     return None
@@ -276,8 +278,30 @@ def summarize_manifest(df: pd.DataFrame) -> str:
         "stored orientation: " + ", ".join(f"{code} ({k})" for code, k in orientations.items()),
         "clinical columns: " + (", ".join(_filled(df[c]) for c in clinical) or "none"),
         "other columns: " + (", ".join(c for c in df.columns if c not in known) or "none"),
+        *report_fields_summary(df),
     ]
     return "\n".join(lines)
+
+
+def report_fields_summary(df: pd.DataFrame) -> list[str]:
+    """How many reports give each field (:data:`ichpro.reports.KEYS`), and a ``warning:`` line for
+    values that cannot be read and for reports that give no field at all."""
+    statuses = [field_status(text) for text in df["report"]]
+    n = len(statuses)
+    given = {name: sum(s[name] == "given" for s in statuses) for name in KEYS}
+    lines = ["report fields given: " + ", ".join(f"{name} {k}/{n}" for name, k in given.items())]
+    unreadable = {name: sum(s[name] == "unreadable" for s in statuses) for name in KEYS}
+    if any(unreadable.values()):
+        lines.append("warning: report values that cannot be read: " + ", ".join(
+            f"{name} in {k} report(s)" for name, k in unreadable.items() if k)
+            + f"; write them like {render(EXAMPLE_REPORT)!r}")
+    empty = [pid for pid, s in zip(df["patient_id"], statuses) if "given" not in s.values()]
+    if empty:
+        lines.append(f"warning: {len(empty)} report(s) give none of the expected fields, e.g. patient "
+                     f"{empty[0]!r}: the clinical baselines and the multi-task comparators read them "
+                     f"(one 'Key: value' per line, e.g. {render(EXAMPLE_REPORT)!r}); ICHPro reads the "
+                     "text as it is")
+    return lines
 
 
 def _filled(column: pd.Series) -> str:

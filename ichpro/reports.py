@@ -148,19 +148,37 @@ _PARSERS = {
 def parse(text: str) -> Report:
     """Parse a report rendered in any :class:`ReportStyle`; unknown lines are ignored."""
     found: dict[str, object] = {}
+    for name, key, value in _fields(text):
+        try:
+            found[name] = _PARSERS[name](value)
+        except (ValueError, KeyError) as err:
+            raise IchproError(
+                f"report field {key!r} has an unreadable value {value!r}; "
+                f"write it like the canonical report (e.g. {render(EXAMPLE_REPORT)!r})"
+            ) from err
+    return Report(**found)
+
+
+def _fields(text: str):
+    """(field name, key as written, value) of each line of the report that names a known field."""
     for part in _SPLIT.split(text):
         key, sep, value = part.partition(":")
         name = _KEY_TO_FIELD.get(key.strip().lower())
-        if not sep or name is None or not value.strip():
-            continue
+        if sep and name is not None and value.strip():
+            yield name, key.strip(), value.strip()
+
+
+def field_status(text: str) -> dict[str, str]:
+    """Each report field (:data:`KEYS`): ``"given"``, ``"missing"``, or ``"unreadable"`` (its key
+    is there with a value :func:`parse` cannot read)."""
+    status = dict.fromkeys(KEYS, "missing")
+    for name, _, value in _fields(text):
         try:
-            found[name] = _PARSERS[name](value.strip())
-        except (ValueError, KeyError) as err:
-            raise IchproError(
-                f"report field {key.strip()!r} has an unreadable value {value.strip()!r}; "
-                f"write it like the canonical report (e.g. {render(_EXAMPLE)!r})"
-            ) from err
-    return Report(**found)
+            _PARSERS[name](value)
+            status[name] = "given"
+        except (ValueError, KeyError):
+            status[name] = "unreadable"
+    return status
 
 
 def position_category(position: str | None) -> str | None:
@@ -184,4 +202,5 @@ _POSITION_WORDS = (
 )
 POSITION_CATEGORIES = tuple(category for category, _ in _POSITION_WORDS)
 
-_EXAMPLE = Report(56, "Female", 45, 20, 13, TREATMENTS[0], "Occipital hemorrhage", 0.5)
+#: the overview figure's report, shown as the format to follow
+EXAMPLE_REPORT = Report(56, "Female", 45, 20, 13, TREATMENTS[0], "Occipital hemorrhage", 0.5)

@@ -366,12 +366,12 @@ def cross_validate(profile: Profile, manifest: pd.DataFrame, run_dir: Path, *, s
     run_dir = Path(run_dir)
     device = resolve_device(profile.train.device)
     distributed = init_distributed(device)
+    folds = split_folds(manifest["label"].to_numpy(), profile.train.n_folds,
+                        profile.train.val_fraction, seed)
     record = run_record(profile, manifest, seed)
     if distributed.is_main:
         _claim_run_dir(run_dir, record, resume)
     distributed.barrier()
-    folds = split_folds(manifest["label"].to_numpy(), profile.train.n_folds,
-                        profile.train.val_fraction, seed)
     if profile.model.comparator in CLINICAL_BASELINES:
         return _clinical_baseline(profile.model.comparator, manifest, folds, run_dir, seed, distributed)
     if text is None:
