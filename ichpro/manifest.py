@@ -138,16 +138,17 @@ def ct_problem(value: Any, root: Path) -> str | None:
         return "ct_path is empty: give the path of the patient's CT (a NIfTI file or a DICOM folder)."
     path = _resolve(text, root)
     if not path.exists():
-        return (
-            f"CT {path} does not exist: fix its path "
-            f"(relative paths are read from {root})."
-        )
+        return _does_not_exist("CT", path, root)
     try:
         ct_geometry(path)
         load_ct(path)  # the voxels: a CT in Hounsfield units (ichpro.data.check_hounsfield)
     except ImageError as err:
         return f"{err}."
     return None
+
+
+def _does_not_exist(what: str, path: Path, root: Path) -> str:
+    return f"{what} {path} does not exist: fix its path (relative paths are read from {root})."
 
 
 def _label_problem(record: dict[Hashable, Any]) -> str | None:
@@ -185,10 +186,7 @@ def report_problem(record: dict[Hashable, Any], root: Path) -> str | None:
         )
     path = _resolve(path_text, root)
     if not path.is_file():
-        return (
-            f"report file {path} does not exist: fix its path "
-            f"(relative paths are read from {root})."
-        )
+        return _does_not_exist("report file", path, root)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:

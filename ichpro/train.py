@@ -268,7 +268,8 @@ class FoldTrainer:
         for idx in batches(indices, self.profile.train.batch_size, None):
             with autocast(self.device, self.profile.train.amp):
                 out = self.model(self.source.batch(idx, self.device))
-            for name, value in {"margin": margin(out.logits), **out.auxiliary}.items():
+            declared = {name: out.auxiliary[name] for name in self.model.auxiliary_tasks}
+            for name, value in {"margin": margin(out.logits), **declared}.items():
                 columns.setdefault(name, []).append(value.cpu())
         return {name: torch.cat(values).double().numpy() for name, values in columns.items()}
 
