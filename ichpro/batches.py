@@ -4,7 +4,7 @@ index batches of each training epoch, each rank taking its share."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -213,3 +213,19 @@ def batches(indices: np.ndarray, batch_size: int, generator: torch.Generator | N
         share = chunk[distributed.rank::distributed.world]
         if len(share):
             yield share.tolist()
+
+
+def collate_items(items: Sequence[Mapping[str, Any]], tokenizer: Any, max_tokens: int = 128,
+                  mlm_probability: float = 0.0, generator: torch.Generator | None = None
+                  ) -> dict[str, Any]:
+    """Stack dataset items (:func:`ichpro.data.make_dataset`) into an end-to-end model batch: ct,
+    input_ids, attention_mask, labels, patient_id, and with ``mlm_probability`` > 0 the masked report
+    (mlm_input_ids, mlm_labels). The notebooks use it to step through a model from the CT."""
+    batch: dict[str, Any] = tokenize(tokenizer, [item["report"] for item in items], max_tokens)
+    batch["ct"] = torch.stack([torch.as_tensor(item["ct"]) for item in items])
+    batch["labels"] = torch.tensor([int(item["label"]) for item in items])
+    batch["patient_id"] = [item["patient_id"] for item in items]
+    if mlm_probability > 0:
+        batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(
+            batch["input_ids"], tokenizer, mlm_probability, generator)
+    return batch

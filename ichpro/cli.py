@@ -90,6 +90,7 @@ def _encoder_options(model, args: argparse.Namespace):
 
 def _train(args: argparse.Namespace) -> int:
     from ichpro.config import get_profile
+    from ichpro.data import make_folds
     from ichpro.losses import parse_loss_spec
     from ichpro.manifest import load_manifest
     from ichpro.metrics import classification_metrics
@@ -118,6 +119,7 @@ def _train(args: argparse.Namespace) -> int:
         ("grad_accumulation", args.grad_accumulation)) if v is not None})
     profile = replace(profile, model=model, loss=loss, train=train)
     manifest = load_manifest(_manifest_path(args.data))
+    make_folds(manifest["label"], profile.train.n_folds)  # too few patients for the folds: say so first
     if os.environ.get("RANK", "0") == "0":  # under torchrun the other ranks wait in cross_validate
         prepare_vision_weights(profile, args.quiet)
     oof = cross_validate(profile, manifest, args.out, seed=args.seed, resume=args.resume,

@@ -47,7 +47,6 @@ from torch.utils.data import Dataset
 from ichpro.config import PreprocessConfig
 from ichpro.errors import IchproError, ImageError
 from ichpro.features import cache_key, cached
-from ichpro.text import mask_tokens, tokenize
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: HU range of intracranial tissue (CSF, brain, fresh blood) used to find the brain.
@@ -351,8 +350,9 @@ def _ichpro_cause(err: BaseException | None) -> IchproError | None:
 
 def _load_steps(keys: Sequence[str] = ("ct",)) -> dict[str, Transform]:
     """Named steps that load a CT (and a label mask) as (1, x, y, z) MetaTensors in RAS orientation."""
-    steps = {"load": LoadCTd(keys=keys), "channel_first": EnsureChannelFirstd(keys=keys),
-             "check": CheckCTd(keys="ct")}
+    steps = {"load": LoadCTd(keys=keys), "channel_first": EnsureChannelFirstd(keys=keys)}
+    if "ct" in keys:
+        steps["check"] = CheckCTd(keys="ct")
     if "blood" in keys:
         steps["split_labels"] = BloodChannelsd(key="blood")
     steps["orient_ras"] = Orientationd(keys=keys, axcodes="RAS", labels=RAS_LABELS)
@@ -412,8 +412,18 @@ def preprocess_transforms(cfg: PreprocessConfig, with_blood: bool = False) -> Co
 
 
 def load_ct(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Load a CT (NIfTI file or DICOM folder) as a HU array in RAS voxel order and its affine."""
-    image = _Pipeline(list(_load_steps().values()))({"ct": str(path)})["ct"]
+    """Load a CT (NIfTI file or DICOM folder, checked: :class:`CheckCTd`) as a HU array in RAS voxel
+    order and its affine."""
+    return _load_volume(path, "ct")
+
+
+def load_mask(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Load a label mask (such as a cohort's ``mask_path``) in RAS voxel order and its affine."""
+    return _load_volume(path, "mask")
+
+
+def _load_volume(path: str | Path, key: str) -> tuple[np.ndarray, np.ndarray]:
+    image = _Pipeline(list(_load_steps((key,)).values()))({key: str(path)})[key]
     return image[0].numpy(), image.affine.numpy()
 
 
@@ -492,18 +502,3 @@ def make_folds(labels: Sequence[int] | np.ndarray, n_splits: int = 5, seed: int 
     for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
         folds[held_out] = fold
     return folds
-
-
-def collate_batch(items: Sequence[Mapping[str, Any]], tokenizer: Any, max_tokens: int = 128,
-                  mlm_probability: float = 0.0, generator: torch.Generator | None = None
-                  ) -> dict[str, Any]:
-    """Stack dataset items into a model batch: ct, input_ids, attention_mask, labels, patient_id,
-    and with ``mlm_probability`` > 0 the masked report (mlm_input_ids, mlm_labels)."""
-    batch: dict[str, Any] = tokenize(tokenizer, [item["report"] for item in items], max_tokens)
-    batch["ct"] = torch.stack([torch.as_tensor(item["ct"]) for item in items])
-    batch["labels"] = torch.tensor([int(item["label"]) for item in items])
-    batch["patient_id"] = [item["patient_id"] for item in items]
-    if mlm_probability > 0:
-        batch["mlm_input_ids"], batch["mlm_labels"] = mask_tokens(
-            batch["input_ids"], tokenizer, mlm_probability, generator)
-    return batch

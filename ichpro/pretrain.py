@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -27,7 +28,15 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ichpro.checkpoints import load_optimizer, load_weights, save_optimizer, save_weights, write_json
+from ichpro.checkpoints import (
+    file_digest,
+    load_optimizer,
+    load_weights,
+    read_json,
+    save_optimizer,
+    save_weights,
+    write_json,
+)
 from ichpro.cohort import ensure_cohort
 from ichpro.config import PretrainConfig, Profile, cache_root
 from ichpro.data import config_hash, preprocess_transforms
@@ -35,7 +44,7 @@ from ichpro.errors import IchproError
 from ichpro.models.encoders import VisionEncoder
 from ichpro.runtime import cosine_lr
 
-PRETRAIN_VERSION = 2
+PRETRAIN_VERSION = 3
 WEIGHTS_FILE = "vision.safetensors"
 
 
@@ -95,9 +104,9 @@ def with_vision_weights(profile: Profile) -> Profile:
     if profile.model.vision_weights is not None or profile.pretrain is None:
         return profile
     path = pretrained_path(profile)
-    if not path.is_file():
-        raise IchproError(f"the pretrained vision encoder of profile {profile.name!r} is missing ({path}); "
-                          f"create it with: ichpro pretrain-vision --profile {profile.name}")
+    if not intact(path):
+        raise IchproError(f"the pretrained vision encoder of profile {profile.name!r} is missing or damaged "
+                          f"({path}); create it with: ichpro pretrain-vision --profile {profile.name}")
     return replace(profile, model=replace(profile.model, vision_weights=str(path)))
 
 
@@ -105,10 +114,21 @@ def ensure_pretrained(profile: Profile, quiet: bool = False) -> None:
     """Pretrain the profile's vision encoder if it uses one and it is not in the cache yet."""
     if profile.model.vision_weights is None and profile.pretrain is not None:
         path = pretrained_path(profile)
+        if path.is_file() and not intact(path):
+            print(f"the pretrained encoder {path} is damaged (its hash is not its card's): pretraining it "
+                  "again", file=sys.stderr)
+            shutil.rmtree(path.parent)
         if not path.is_file():
             if not quiet:
                 print(f"pretraining the {profile.name} profile's vision encoder once, into {path.parent}")
             pretrain_vision(profile, path.parent, resume=True, quiet=quiet)
+
+
+def intact(weights: Path) -> bool:
+    """Whether a pretrained encoder's weights exist with the hash its card recorded."""
+    card = weights.parent / "card.json"
+    return weights.is_file() and card.is_file() and (
+        read_json(card, "the pretraining card").get("sha256") == file_digest(weights))
 
 
 def pretraining_cohort(profile: Profile, quiet: bool = False) -> Path:
@@ -192,7 +212,8 @@ def pretrain_vision(profile: Profile, out: str | Path, *, resume: bool = False, 
             "train_patients": len(train), "held_out_patients": len(held_out),
             "best_epoch": state["best_epoch"], "held_out": state["history"][state["best_epoch"] - 1],
             "history": state["history"],
-            "seconds": round(state["seconds"], 1), "weights": WEIGHTS_FILE}
+            "seconds": round(state["seconds"], 1), "weights": WEIGHTS_FILE,
+            "sha256": file_digest(out / WEIGHTS_FILE)}
     write_json(out / "card.json", card)
     (out / "card.md").write_text(card_markdown(card))
     return card

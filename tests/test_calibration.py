@@ -9,8 +9,6 @@ import torch
 from scipy.special import expit
 
 from ichpro.calibration import IDENTITY, PlattScaling, margin
-from ichpro.config import TrainConfig
-from ichpro.errors import IchproError
 
 
 def test_identity_is_the_softmax():
@@ -57,8 +55,3 @@ def test_load_reads_a_saved_scaling_and_defaults_to_the_identity(tmp_path):
     assert PlattScaling.load(tmp_path / "missing.json") == IDENTITY
     (tmp_path / "calibration.json").write_text(json.dumps({"slope": 0.7, "intercept": -0.2}))
     assert PlattScaling.load(tmp_path / "calibration.json") == PlattScaling(0.7, -0.2)
-
-
-def test_an_unknown_calibration_is_refused():
-    with pytest.raises(IchproError, match="unknown calibration 'isotonic'; choose one of none, platt"):
-        TrainConfig(calibration="isotonic")

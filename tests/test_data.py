@@ -406,18 +406,18 @@ def test_folds_need_enough_patients_per_class() -> None:
         make_folds([0] * 10 + [1] * 2, n_splits=5)
 
 
-def test_collate_batch_stacks_cts_tokenises_reports_and_masks(tmp_path):
-    from ichpro.data import collate_batch
+def test_collate_items_stacks_cts_tokenises_reports_and_masks(tmp_path):
+    from ichpro.batches import collate_items
     from ichpro.text import load_text_backbone
 
     reports = ["Age: 70\nGCS Score: 9", "Age: 55\nGCS Score: 15\nPosition: Left thalamic hemorrhage"]
     backbone = load_text_backbone("tiny", reports=reports * 3)
     items = [{"ct": torch.rand(1, 4, 8, 8), "label": i, "patient_id": f"P{i}", "report": r}
              for i, r in enumerate(reports)]
-    batch = collate_batch(items, backbone.tokenizer, mlm_probability=0.15,
+    batch = collate_items(items, backbone.tokenizer, mlm_probability=0.15,
                           generator=torch.Generator().manual_seed(0))
     assert batch["ct"].shape == (2, 1, 4, 8, 8) and batch["labels"].tolist() == [0, 1]
     assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["mlm_labels"].shape
     assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()  # padded
     assert (batch["mlm_labels"] != -100).any(dim=1).all()
-    assert "mlm_input_ids" not in collate_batch(items, backbone.tokenizer)
+    assert "mlm_input_ids" not in collate_items(items, backbone.tokenizer)

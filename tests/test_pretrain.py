@@ -100,3 +100,22 @@ def test_the_kept_encoder_is_the_best_held_out_epoch(small_cohort, tmp_path):
     assert all(torch.equal(kept[k], best[k]) for k in kept)
     assert f"kept: epoch {card['best_epoch']}" in (tmp_path / "card.md").read_text()
 
+
+
+def test_a_damaged_pretrained_encoder_is_refused_then_pretrained_again(small_cohort, tmp_path, monkeypatch,
+                                                                         capsys):
+    from ichpro import pretrain
+
+    profile = replace(TINY, pretrain=replace(TINY.pretrain, seed=4321))
+    monkeypatch.setattr(pretrain, "pretrained_path", lambda p: tmp_path / "enc" / "vision.safetensors")
+    monkeypatch.setattr(pretrain, "pretraining_cohort", lambda p, quiet=False: small_cohort)
+    pretrain.ensure_pretrained(profile, quiet=True)
+    weights = tmp_path / "enc" / "vision.safetensors"
+    good = weights.read_bytes()
+    assert with_vision_weights(profile).model.vision_weights == str(weights)
+    weights.write_bytes(good[:-5] + bytes([good[-5] ^ 0xFF]) + good[-4:])
+    with pytest.raises(IchproError, match="missing or damaged"):
+        with_vision_weights(profile)
+    pretrain.ensure_pretrained(profile, quiet=True)
+    assert "is damaged (its hash is not its card's): pretraining it again" in capsys.readouterr().err
+    assert weights.read_bytes() == good  # pretraining is deterministic
