@@ -34,8 +34,13 @@ FEATURES_VERSION = 2
 
 def weights_digest(module: nn.Module) -> str:
     """sha256 of a module's parameters and buffers (names, shapes, dtypes and bytes)."""
+    return named_tensors_digest(module.state_dict())
+
+
+def named_tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of named tensors, in their order: names, shapes, dtypes and bytes."""
     digest = hashlib.sha256()
-    for name, tensor in module.state_dict().items():
+    for name, tensor in tensors.items():
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         digest.update(_bytes(tensor))
     return digest.hexdigest()
@@ -96,11 +101,7 @@ def cached(folder: Path | None, key: str, compute: Callable[[], dict[str, torch.
 
 
 def _tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(f"{name}:{tuple(tensors[name].shape)}:{tensors[name].dtype}".encode())
-        digest.update(_bytes(tensors[name]))
-    return digest.hexdigest()
+    return named_tensors_digest({name: tensors[name] for name in sorted(tensors)})
 
 
 def _verified(path: Path) -> dict[str, torch.Tensor] | None:

@@ -59,7 +59,7 @@ def checked_manifest(df: pd.DataFrame, root: Path, name: str) -> pd.DataFrame:
     problems = check_manifest(df, root)
     if problems:
         raise ManifestError("\n".join([f"{name} has {len(problems)} problem(s):", *problems]))
-    return _normalise(df, root)
+    return normalised(df, root)
 
 
 def check_manifest(df: pd.DataFrame, root: Path) -> list[str]:
@@ -204,8 +204,8 @@ def _numeric_problem(record: dict[Hashable, Any], column: str) -> str | None:
     return None
 
 
-def _normalise(df: pd.DataFrame, root: Path) -> pd.DataFrame:
-    """The validated manifest with absolute ct_path, report text, integer label and float columns."""
+def normalised(df: pd.DataFrame, root: Path) -> pd.DataFrame:
+    """The checked manifest with absolute ct_path, report text, integer label and float columns."""
     out = df.copy()
     out["patient_id"] = out["patient_id"].map(_text)
     out["ct_path"] = [str(_resolve(_text(p), root)) for p in out["ct_path"]]

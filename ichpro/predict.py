@@ -29,7 +29,7 @@ from ichpro.clinical import CLINICAL_BASELINES
 from ichpro.config import Profile, profile_from_dict
 from ichpro.errors import IchproError
 from ichpro.gradcam import grad_cam
-from ichpro.manifest import checked_manifest, ct_problem, report_problem, report_text
+from ichpro.manifest import ct_problem, normalised, report_problem, report_text
 from ichpro.models import ModelOutput, PrognosisModel
 from ichpro.plots import save_figure
 from ichpro.text import TextBackbone, load_text_backbone
@@ -128,7 +128,7 @@ def patient_manifest(ct_path: str | Path, report: str) -> pd.DataFrame:
     record = {"patient_id": "patient", "ct_path": str(ct_path), "label": "0", **report_fields}
     if problems:
         raise IchproError("cannot predict: " + " ".join(problems))
-    return checked_manifest(pd.DataFrame([record]), Path.cwd(), "the patient to predict")
+    return normalised(pd.DataFrame([record]), Path.cwd())
 
 
 def patient_batch(run: TrainedRun, ct_path: str | Path, report: str
