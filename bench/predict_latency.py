@@ -92,7 +92,8 @@ def paper_run(folds: int) -> Path:
 
     import common
 
-    from ichpro.checkpoints import save_weights, write_json
+    from ichpro.checkpoints import save_weights
+    from ichpro.files import write_json
     from ichpro.train import fresh_model
 
     profile = common.bench_profile("paper")

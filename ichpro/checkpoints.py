@@ -7,12 +7,7 @@ frozen encoders that are rebuilt from the config and seed instead of being saved
 from __future__ import annotations
 
 import base64
-import hashlib
-import json
-import os
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -21,35 +16,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ichpro.errors import IchproError
-
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """Call ``write`` on a temporary file beside ``path``, then rename it to ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def file_digest(path: Path) -> str | None:
-    """sha256 of a file's bytes (None when it does not exist)."""
-    if not path.is_file():
-        return None
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
-
-
-def read_json(path: Path, what: str) -> Any:
-    """A JSON file written by :func:`write_json`; an IchproError naming it when it is not valid JSON."""
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise IchproError(f"{path} ({what}) is damaged ({err}): delete it, or the folder holding it, "
-                          "and run again") from None
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically."""
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1, default=str) + "\n"))
+from ichpro.files import atomic_write
 
 
 def _skipped(module: nn.Module) -> tuple[str, ...]:

@@ -173,12 +173,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
-    from ichpro.predict import load_run, predict_patient, read_report, save_heatmap
-    from ichpro.reports import field_status
+    from ichpro.predict import load_run, predict_patient, save_heatmap
 
     run = load_run(args.checkpoint)
     prediction = predict_patient(run, args.ct, args.report)
-    status = field_status(read_report(args.report))
+    status = prediction.report_fields
     if "given" not in status.values():
         print(f"warning: the report gives none of the expected fields ({', '.join(status)}); the model "
               "reads it as it is, but it was trained on reports that give them", file=sys.stderr)

@@ -29,8 +29,8 @@ from the same spec with another seed (no patient shared with the evaluation coho
 
 from __future__ import annotations
 
-import hashlib
 import json
+import sys
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from ichpro import __version__
 from ichpro.config import SPEC_DIR
 from ichpro.errors import CohortSpecError
+from ichpro.files import file_digest
 from ichpro.phantom import ImageSpec, Lesion, render_phantom, save_phantom
 from ichpro.reports import (
     KEYS,
@@ -459,12 +460,31 @@ def generate_cohort(spec: CohortSpec, out_dir: Path, *, seed: int | None = None,
 
 def ensure_cohort(spec: str | Path, out_dir: Path, *, seed: int | None = None, n_patients: int | None = None,
                   progress: bool = True) -> Path:
-    """Generate the cohort of the spec named ``spec`` into ``out_dir`` unless it is there already
-    (its manifest, written last, is); returns ``out_dir``."""
+    """Generate the cohort of the spec named ``spec`` into ``out_dir`` unless it is there already;
+    returns ``out_dir``. A generated cohort whose files no longer match the checksums of its
+    ``cohort.json`` is generated again, with one line saying so; a folder with a manifest and no
+    ``cohort.json`` (a site's own data) is left as it is."""
     out_dir = Path(out_dir)
-    if not (out_dir / "manifest.csv").is_file():
+    damaged = _damaged_files(out_dir)
+    if damaged:
+        print(f"the generated cohort in {out_dir} is damaged ({damaged[0]}"
+              f"{f' and {len(damaged) - 1} more' if len(damaged) > 1 else ''}): generating it again",
+              file=sys.stderr)
+    if damaged or not (out_dir / "manifest.csv").is_file():
         generate_cohort(load_spec(spec), out_dir, seed=seed, n_patients=n_patients, progress=progress)
     return out_dir
+
+
+def _damaged_files(out_dir: Path) -> list[str]:
+    """Files of a generated cohort that are missing or differ from its card's checksums."""
+    card = out_dir / "cohort.json"
+    if not card.is_file():
+        return []
+    try:
+        checksums = json.loads(card.read_text())["checksums"]
+    except (ValueError, KeyError, TypeError):
+        return ["cohort.json"]
+    return [name for name, digest in checksums.items() if file_digest(out_dir / name) != digest]
 
 
 def _write_card(out_dir: Path, spec: CohortSpec, seed: int, n: int, images: bool) -> None:
@@ -472,7 +492,6 @@ def _write_card(out_dir: Path, spec: CohortSpec, seed: int, n: int, images: bool
     card = {
         "spec": asdict(spec), "seed": seed, "n_patients": n, "images": images,
         "ichpro_version": __version__,
-        "checksums": {p.relative_to(out_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-                      for p in files},
+        "checksums": {p.relative_to(out_dir).as_posix(): file_digest(p) for p in files},
     }
     (out_dir / "cohort.json").write_text(json.dumps(card, indent=1) + "\n")

@@ -32,6 +32,7 @@ from ichpro.gradcam import grad_cam
 from ichpro.manifest import ct_problem, normalised, report_problem, report_text
 from ichpro.models import ModelOutput, PrognosisModel
 from ichpro.plots import save_figure
+from ichpro.reports import field_status
 from ichpro.text import TextBackbone, load_text_backbone
 from ichpro.train import CALIBRATION_FILE, encoders_profile, fresh_model
 
@@ -71,6 +72,7 @@ class Prediction:
     ct: np.ndarray  # the preprocessed model input (D, H, W)
     heatmap: np.ndarray | None  # on the input grid (D, H, W), mean over the fold models
     heatmap_name: str  # the attention map's name, "grad_cam", or why there is none
+    report_fields: dict[str, str]  # each expected report field: "given", "missing" or "unreadable"
 
 
 def load_run(run_dir: str | Path) -> TrainedRun:
@@ -131,11 +133,9 @@ def patient_manifest(ct_path: str | Path, report: str) -> pd.DataFrame:
     return normalised(pd.DataFrame([record]), Path.cwd())
 
 
-def patient_batch(run: TrainedRun, ct_path: str | Path, report: str
-                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The one-patient batch the run's models read, made as in training
+def patient_batch(run: TrainedRun, manifest: pd.DataFrame) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The batch of a :func:`patient_manifest` as the run's models read it, made as in training
     (:class:`~ichpro.batches.BatchSource`), and the preprocessed CT (1, 1, D, H, W)."""
-    manifest = patient_manifest(ct_path, report)
     cpu = torch.device("cpu")
     with tempfile.TemporaryDirectory(prefix="ichpro-predict-") as cache:  # the CT is preprocessed once
         source = BatchSource(manifest, run.profile, run.text, cache_dir=Path(cache))
@@ -150,7 +150,8 @@ def predict_patient(run: TrainedRun, ct_path: str | Path, report: str,
     """P(bad outcome) of one patient (CT file or DICOM folder + report text or file) and a heat map:
     the fusion attention map ``attention_map`` where the model has it, else Grad-CAM where the model
     names a layer for it."""
-    batch, ct = patient_batch(run, ct_path, report)
+    manifest = patient_manifest(ct_path, report)
+    batch, ct = patient_batch(run, manifest)
     outputs = [model(batch) for model in run.models]
     size = tuple(ct.shape[2:])
     heatmap, name = None, f"none: the model has no attention map {attention_map!r} and no Grad-CAM layer"
@@ -162,7 +163,8 @@ def predict_patient(run: TrainedRun, ct_path: str | Path, report: str,
             heatmap = np.mean([grad_cam(model, batch, size)[0].numpy() for model in run.models], axis=0)
         name = "grad_cam"
     per_fold = run.p_bad_per_fold(outputs)
-    return Prediction(float(np.mean(per_fold)), per_fold, ct[0, 0].numpy(), heatmap, name)
+    return Prediction(float(np.mean(per_fold)), per_fold, ct[0, 0].numpy(), heatmap, name,
+                      field_status(manifest["report"].iloc[0]))
 
 
 def save_heatmap(prediction: Prediction, out_prefix: Path) -> tuple[Path, Path]:

@@ -28,19 +28,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ichpro.checkpoints import (
-    file_digest,
-    load_optimizer,
-    load_weights,
-    read_json,
-    save_optimizer,
-    save_weights,
-    write_json,
-)
+from ichpro.checkpoints import load_optimizer, load_weights, save_optimizer, save_weights
 from ichpro.cohort import ensure_cohort
 from ichpro.config import PretrainConfig, Profile, cache_root
 from ichpro.data import config_hash, preprocess_transforms
 from ichpro.errors import IchproError
+from ichpro.files import file_digest, read_json, write_json
 from ichpro.models.encoders import VisionEncoder
 from ichpro.runtime import cosine_lr
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.resources
+import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTo
 from transformers.utils import logging as hf_logging
 
 from ichpro.errors import IchproError
+from ichpro.files import file_digest, read_json, write_json
 
 TEXT_ENCODERS = ("tiny", "minilm", "bioclinicalbert")
 BIOCLINICALBERT_ID = "emilyalsentzer/Bio_ClinicalBERT"
@@ -39,7 +41,7 @@ TINY_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, in
                   max_position_embeddings=130)  # room for 128 tokens + 2
 MASK_SHARE, RANDOM_SHARE = 0.8, 0.1  # of the chosen positions; the rest stay unchanged
 IGNORE_INDEX = -100
-SAVED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")  # a saved tiny encoder
+TINY_CHECKSUMS = "checksums.json"  # written last by a saved tiny encoder: the sha256 of each of its files
 
 
 @dataclass
@@ -174,9 +176,15 @@ def _bioclinicalbert() -> tuple[BertModel, BertTokenizerFast]:
 
 def _tiny(reports: Sequence[str] | None, save_dir: Path | None,
           seed: int) -> tuple[BertModel, BertTokenizerFast]:
-    """The tiny encoder: reloaded from ``save_dir`` when saved there, else built (and saved there)."""
-    if save_dir is not None and _holds_backbone(save_dir):
-        return _from_folder(save_dir)
+    """The tiny encoder: reloaded from ``save_dir`` when saved there intact, else built (and saved there)."""
+    if save_dir is not None and (save_dir / TINY_CHECKSUMS).is_file():
+        if _intact(save_dir):
+            return _from_folder(save_dir)
+        if not reports:
+            raise IchproError(f"the tiny text encoder saved in {save_dir} is damaged (its files do not match "
+                              f"{TINY_CHECKSUMS}): train this run again")
+        print(f"the tiny text encoder saved in {save_dir} is damaged: building it again from the reports",
+              file=sys.stderr)
     if not reports:
         raise IchproError(
             "the 'tiny' text encoder builds its vocabulary from the reports: pass reports=[...] "
@@ -189,11 +197,19 @@ def _tiny(reports: Sequence[str] | None, save_dir: Path | None,
         with _quiet_transformers():
             model.save_pretrained(save_dir)
         tokenizer.save_pretrained(save_dir)
+        write_json(save_dir / TINY_CHECKSUMS, _digests(save_dir))
     return model, tokenizer
 
 
-def _holds_backbone(folder: Path) -> bool:
-    return all((folder / name).exists() for name in SAVED_FILES)
+def _digests(folder: Path) -> dict[str, str | None]:
+    return {p.name: file_digest(p) for p in sorted(folder.iterdir()) if p.name != TINY_CHECKSUMS}
+
+
+def _intact(folder: Path) -> bool:
+    try:
+        return read_json(folder / TINY_CHECKSUMS, "the tiny encoder's checksums") == _digests(folder)
+    except IchproError:
+        return False
 
 
 def _tiny_tokenizer(reports: Sequence[str]) -> BertTokenizerFast:

@@ -50,21 +50,18 @@ from tqdm.auto import tqdm
 from ichpro.batches import BatchSource, batches
 from ichpro.calibration import IDENTITY, PlattScaling, margin
 from ichpro.checkpoints import (
-    atomic_write,
-    file_digest,
     load_optimizer,
     load_weights,
-    read_json,
     rng_state,
     save_optimizer,
     save_weights,
     set_rng_state,
-    write_json,
 )
 from ichpro.clinical import CLINICAL_BASELINES, clinical_baseline_cv
 from ichpro.config import Profile
 from ichpro.data import config_hash, make_folds
 from ichpro.errors import IchproError
+from ichpro.files import atomic_write, file_digest, read_json, write_json
 from ichpro.metrics import classification_metrics
 from ichpro.models import PrognosisModel, build_model
 from ichpro.models.comparators import (

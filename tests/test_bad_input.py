@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 from dicom_utils import write_dicom_series
 
@@ -58,7 +59,8 @@ def volumes(cohort):
     affine = image.affine @ np.diag([4.0, 4.0, 1.0, 1.0])
     series = write_dicom_series(small, affine, out / "dicom")
     for name, edit in (("duplicate", lambda paths: shutil.copy(paths[3], paths[3].with_name("copy.dcm"))),
-                       ("gap", lambda paths: paths[5].unlink())):
+                       ("gap", lambda paths: paths[5].unlink()),
+                       ("tilted", lambda paths: _tilt(paths[4]))):
         target = out / f"dicom_{name}"
         shutil.copytree(out / "dicom", target)
         edit(sorted(target.iterdir()))
@@ -73,7 +75,16 @@ def volumes(cohort):
         "no_bone": save("no_bone.nii.gz", np.clip(hu, -1000, 80)),
         "dicom": str(out / "dicom"), "dicom_duplicate": str(out / "dicom_duplicate"),
         "dicom_gap": str(out / "dicom_gap"), "dicom_two_series": str(out / "dicom_two_series"),
+        "dicom_tilted": str(out / "dicom_tilted"),
     }, len(series)
+
+
+def _tilt(path):
+    """Give one DICOM slice another orientation (a slice of another acquisition, tilted 30 degrees)."""
+    header = pydicom.dcmread(path)
+    c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+    header.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, c, s]
+    header.save_as(path)
 
 
 def run_cli(argv, capsys):
@@ -118,6 +129,9 @@ VALIDATE_CASES = {
                                ERROR, r"dicom_duplicate has 1 slice\(s\) at a position another slice"),
     "missing DICOM slice": (lambda c, v, t: edited(c, t, ct_path=first_ct(v[0]["dicom_gap"])), 1, ERROR,
                             r"dicom_gap has a gap of .* slices are missing"),
+    "DICOM slices of two orientations": (
+        lambda c, v, t: edited(c, t, ct_path=first_ct(v[0]["dicom_tilted"])), 1, ERROR,
+        r"dicom_tilted mixes 2 slice orientations"),
     "two DICOM series": (lambda c, v, t: edited(c, t, ct_path=first_ct(v[0]["dicom_two_series"])), 1, ERROR,
                          r"dicom_two_series mixes 2 DICOM series"),
     "skull-stripped CT": (lambda c, v, t: edited(c, t, ct_path=first_ct(v[0]["no_bone"])), 0, WARNING,

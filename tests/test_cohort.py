@@ -10,6 +10,7 @@ from ichpro.cohort import (
     TRUTH_COLUMNS,
     CohortSpec,
     calibration_table,
+    ensure_cohort,
     func_score,
     generate_cohort,
     ich_score,
@@ -103,6 +104,25 @@ def test_same_seed_gives_byte_identical_files_and_another_seed_differs(tmp_path)
     assert "ct/ICH0001.nii.gz" in cards[0] and "truth.csv" in cards[0]
     assert cards[0]["ct/ICH0001.nii.gz"] != cards[2]["ct/ICH0001.nii.gz"]
     assert cards[0]["truth.csv"] != cards[2]["truth.csv"]
+
+
+def test_a_damaged_generated_cohort_is_generated_again_and_a_site_folder_is_left_alone(tmp_path, capsys,
+                                                                                     monkeypatch):
+    spec = CohortSpec("test", n_patients=4, seed=5, image=SMALL_IMAGES, reference_size=3000)
+    monkeypatch.setattr("ichpro.cohort.load_spec", lambda name: spec)
+    folder = ensure_cohort("test", tmp_path / "cohort", progress=False)
+    ct = folder / "ct" / "ICH0002.nii.gz"
+    original = ct.read_bytes()
+    ct.write_bytes(original[: len(original) // 2])  # truncated
+    ensure_cohort("test", folder, progress=False)
+    assert "cohort in" in (err := capsys.readouterr().err) and "damaged (ct/ICH0002.nii.gz)" in err
+    assert ct.read_bytes() == original
+    ensure_cohort("test", folder, progress=False)
+    assert capsys.readouterr().err == ""  # intact: nothing regenerated, nothing said
+    (folder / "cohort.json").unlink()  # a manifest without a card: a site's own data
+    (folder / "reports" / "ICH0001.txt").write_text("edited by hand\n")
+    ensure_cohort("test", folder, progress=False)
+    assert (folder / "reports" / "ICH0001.txt").read_text() == "edited by hand\n"
 
 
 def test_linear_predictor_increases_with_severity():

@@ -116,6 +116,21 @@ def test_tiny_save_and_reload_round_trip(tmp_path):
     assert torch.equal(_hidden(by_path, TEXTS), _hidden(saved, TEXTS))
 
 
+def test_a_damaged_saved_tiny_encoder_is_rebuilt_from_the_reports_or_refused_without_them(tmp_path, capsys):
+    folder = tmp_path / "text"
+    saved = load_text_backbone("tiny", reports=TEXTS, save_dir=folder, seed=3)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte inside the weights
+    weights.write_bytes(bytes(data))
+    with pytest.raises(IchproError, match=r"saved in .*text is damaged .*train this run again"):
+        load_text_backbone("tiny", save_dir=folder)
+    rebuilt = load_text_backbone("tiny", reports=TEXTS, save_dir=folder, seed=3)
+    assert "is damaged: building it again from the reports" in capsys.readouterr().err
+    assert torch.equal(_weights(rebuilt), _weights(saved))
+    assert torch.equal(_weights(load_text_backbone("tiny", save_dir=folder)), _weights(saved))
+
+
 def test_tiny_without_reports_or_saved_copy_is_an_error(tmp_path):
     with pytest.raises(IchproError, match="vocabulary from the reports"):
         load_text_backbone("tiny")
