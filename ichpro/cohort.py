@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from ichpro import __version__
 from ichpro.config import SPEC_DIR
 from ichpro.errors import CohortSpecError
-from ichpro.files import file_digest
+from ichpro.files import changed_files, checksums
 from ichpro.phantom import ImageSpec, Lesion, render_phantom, save_phantom
 from ichpro.reports import (
     KEYS,
@@ -481,10 +481,10 @@ def _damaged_files(out_dir: Path) -> list[str]:
     if not card.is_file():
         return []
     try:
-        checksums = json.loads(card.read_text())["checksums"]
+        recorded = json.loads(card.read_text())["checksums"]
     except (ValueError, KeyError, TypeError):
         return ["cohort.json"]
-    return [name for name, digest in checksums.items() if file_digest(out_dir / name) != digest]
+    return changed_files(out_dir, recorded)
 
 
 def _write_card(out_dir: Path, spec: CohortSpec, seed: int, n: int, images: bool) -> None:
@@ -492,6 +492,6 @@ def _write_card(out_dir: Path, spec: CohortSpec, seed: int, n: int, images: bool
     card = {
         "spec": asdict(spec), "seed": seed, "n_patients": n, "images": images,
         "ichpro_version": __version__,
-        "checksums": {p.relative_to(out_dir).as_posix(): file_digest(p) for p in files},
+        "checksums": checksums(out_dir, files),
     }
     (out_dir / "cohort.json").write_text(json.dumps(card, indent=1) + "\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +39,13 @@ def read_json(path: Path, what: str) -> Any:
 def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically."""
     atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=1, default=str) + "\n"))
+
+
+def checksums(folder: Path, files: Iterable[Path]) -> dict[str, str | None]:
+    """The sha256 of each file, keyed by its path relative to ``folder``."""
+    return {path.relative_to(folder).as_posix(): file_digest(path) for path in files}
+
+
+def changed_files(folder: Path, recorded: Mapping[str, str]) -> list[str]:
+    """The files of ``recorded`` (:func:`checksums`) that are missing or differ from their sha256."""
+    return [name for name, digest in recorded.items() if file_digest(folder / name) != digest]

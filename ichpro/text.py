@@ -29,7 +29,7 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, BertTo
 from transformers.utils import logging as hf_logging
 
 from ichpro.errors import IchproError
-from ichpro.files import file_digest, read_json, write_json
+from ichpro.files import checksums, read_json, write_json
 
 TEXT_ENCODERS = ("tiny", "minilm", "bioclinicalbert")
 BIOCLINICALBERT_ID = "emilyalsentzer/Bio_ClinicalBERT"
@@ -202,7 +202,7 @@ def _tiny(reports: Sequence[str] | None, save_dir: Path | None,
 
 
 def _digests(folder: Path) -> dict[str, str | None]:
-    return {p.name: file_digest(p) for p in sorted(folder.iterdir()) if p.name != TINY_CHECKSUMS}
+    return checksums(folder, sorted(p for p in folder.iterdir() if p.name != TINY_CHECKSUMS))
 
 
 def _intact(folder: Path) -> bool:
