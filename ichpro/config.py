@@ -274,9 +274,8 @@ PROFILES: dict[str, Profile] = {
                           freeze_vision=True, freeze_text=True, comparator_input=(16, 32, 32),
                           comparator_size="cpu"),
         loss=LossConfig(mlm_vocabulary="reports"),
-        train=TrainConfig(epochs=12, batch_size=16, lr=1e-3, patience=4, lr_schedule="cosine",
-                          calibration="platt"),
-        pretrain=PretrainConfig(n_patients=200, epochs=8),
+        train=TrainConfig(epochs=12, batch_size=16, lr=1e-3, lr_schedule="cosine", calibration="platt"),
+        pretrain=PretrainConfig(n_patients=200, epochs=10),
     ),
     "paper": Profile(
         "paper",

@@ -4,8 +4,13 @@ MedicalNet pretrains 3D ResNets on segmentation; here the profile's encoder lear
 of its own cohort (the evaluation cohort's spec, drawn with another seed: no shared patient), to
 segment the blood (parenchymal haematoma and intraventricular channels, soft Dice + BCE on the
 preprocessed masks) and to regress the haematoma volume (log mL) from its pooled feature map. The
-segmentation head is deliberately shallow (two convolutions on ``layer4``'s map, then up-sampling)
-so that the encoder itself must carry where the blood is.
+segmentation head is a light decoder *without skip connections* (three steps of a 3×3×3 convolution
+and ×2 up-sampling from ``layer4``'s map, then a 1×1×1 convolution), so the encoder's last feature
+map itself must carry where the blood is, down to the shape inside each of its cells. (A shallow
+head of two convolutions on the coarse map, the first version, held its soft Dice lower: 0.49 on
+the cpu profile against 0.60 with the decoder, both on the held-out pretraining patients.) Its last
+bias starts at the log-odds of a rare voxel (-4), so the first epochs learn the blood rather than
+the background.
 
 An output folder holds ``vision.safetensors`` (the encoder, loadable by ``VisionEncoder.load_weights``),
 ``card.json`` / ``card.md`` (cohort, seed, epochs, held-out Dice and volume MAE, time) and, while
@@ -37,8 +42,9 @@ from ichpro.files import file_digest, read_json, write_json
 from ichpro.models.encoders import VisionEncoder
 from ichpro.runtime import cosine_lr
 
-PRETRAIN_VERSION = 3
+PRETRAIN_VERSION = 4
 WEIGHTS_FILE = "vision.safetensors"
+BLOOD_PRIOR_LOGIT = -4.0  # the segmentation head's initial log-odds of blood in a voxel (about 2 %)
 
 
 class PretrainNet(nn.Module):
@@ -49,8 +55,12 @@ class PretrainNet(nn.Module):
         cfg = profile.model
         self.encoder = VisionEncoder(cfg.vision_depth, cfg.vision_widths, cfg.vision_no_max_pool)
         channels = self.encoder.out_channels
-        self.segment = nn.Sequential(nn.Conv3d(channels, channels, 3, padding=1), nn.BatchNorm3d(channels),
-                                     nn.ReLU(inplace=True), nn.Conv3d(channels, 2, 1))
+        widths = (channels, 64, 32, 16)
+        steps = [layer for i, o in zip(widths, widths[1:]) for layer in (
+            nn.Conv3d(i, o, 3, padding=1), nn.BatchNorm3d(o), nn.ReLU(inplace=True),
+            nn.Upsample(scale_factor=2, mode="trilinear", align_corners=False))]
+        self.segment = nn.Sequential(*steps, nn.Conv3d(widths[-1], 2, 1))
+        nn.init.constant_(self.segment[-1].bias, BLOOD_PRIOR_LOGIT)
         self.volume = nn.Linear(channels, 1)
 
     def forward(self, ct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

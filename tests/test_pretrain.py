@@ -84,10 +84,11 @@ def test_profiles_point_at_their_pretrained_encoder():
         with_vision_weights(missing)
 
 
-def test_segmentation_head_output_matches_the_input_size():
-    net = PretrainNet(SMOKE)
+def test_segmentation_head_output_matches_the_input_size_and_starts_at_the_blood_prior():
+    net = PretrainNet(SMOKE).eval()
     logits, volume = net(torch.rand(2, 1, *SMOKE.preprocess.spatial_size))
     assert logits.shape == (2, 2, *SMOKE.preprocess.spatial_size) and volume.shape == (2,)
+    assert 0.005 < logits.sigmoid().mean() < 0.05  # blood is rare: the head starts near its prior
 
 
 def test_the_kept_encoder_is_the_best_held_out_epoch(small_cohort, tmp_path):
