@@ -299,6 +299,16 @@ def train_step(trainer, batch: dict) -> None:
     trainer.train_step(batch)
 
 
+def adam_step(loss: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer) -> Callable[[], None]:
+    """A training step as a function: ``loss()`` (the forward), backward, the update, cleared gradients."""
+    def step() -> None:
+        loss().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def fill_feature_cache(profile: Profile, manifest: pd.DataFrame, text, cache_dir: Path):
     """Time ``BatchSource.prepare`` three times on an empty ``cache_dir``: ``cold`` (CT
     preprocessing + encoding every patient), ``encode`` (features removed, CT cache warm) and

@@ -51,12 +51,7 @@ def make_step(profile, hidden: int, batch: int, tokens: int, report_words: int):
             "masked_text_states": torch.randn(batch, tokens, hidden), "mlm_labels": labels,
             "labels": torch.arange(batch) % 2}
 
-    def step() -> None:
-        model(data).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return common.adam_step(lambda: model(data).loss, optimizer)
 
 
 def main(argv: list[str] | None = None) -> None:

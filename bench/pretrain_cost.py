@@ -37,13 +37,7 @@ def make_step(net: PretrainNet, batch: int, size: tuple[int, int, int]):
     blood[:, 0, d // 4:d // 2, h // 4:h // 2, w // 4:w // 2] = 1
     volume = torch.full((batch,), 20.0)
 
-    def step() -> None:
-        logits, predicted = net(ct)
-        pretrain_loss(logits, predicted, blood, volume, 0.5)[0].backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return common.adam_step(lambda: pretrain_loss(*net(ct), blood, volume, 0.5)[0], optimizer)
 
 
 def main(argv: list[str] | None = None) -> None:
