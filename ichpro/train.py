@@ -311,6 +311,9 @@ class FoldTrainer:
                 self.state["stale"] += 1
             self._checkpoint(epoch, improved, row, run_metrics)
         best = self.state["files"].get("best")
+        self.distributed.barrier()  # rank 0 has committed its last epoch before any rank reads it
+        if not self.distributed.is_main and (self.folder / STATE_FILE).is_file():  # rank 0's choice
+            best = read_json(self.folder / STATE_FILE, "the fold's training state")["files"].get("best")
         if best is not None:
             load_weights(self.folder / best, self.model)
             if self.distributed.is_main:
