@@ -60,6 +60,14 @@ class Distributed:
         if self.world > 1:
             torch.distributed.barrier()
 
+    def from_main(self, value: float, device: torch.device) -> float:
+        """Rank 0's ``value`` on every rank, so that all ranks take one decision from it."""
+        if self.world == 1:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64, device=device)
+        torch.distributed.broadcast(tensor, src=0)
+        return float(tensor.item())
+
 
 SINGLE_PROCESS = Distributed()
 

@@ -304,6 +304,9 @@ class FoldTrainer:
             row = {"fold": self.fold.index, "epoch": epoch, **self._train_epoch(epoch), **self._validate()}
             row["seconds"] = round(time.perf_counter() - start, 3)
             score = row["val_auc"] if np.isfinite(row["val_auc"]) else -row["val_loss"]
+            # each rank validates with its own BatchNorm statistics: rank 0's score decides for all,
+            # so every rank keeps the same epoch and stops at the same one
+            score = self.distributed.from_main(score, self.device)
             improved = score > self.state["best_score"]
             if improved:
                 self.state.update(best_score=score, stale=0)
@@ -311,9 +314,7 @@ class FoldTrainer:
                 self.state["stale"] += 1
             self._checkpoint(epoch, improved, row, run_metrics)
         best = self.state["files"].get("best")
-        self.distributed.barrier()  # rank 0 has committed its last epoch before any rank reads it
-        if not self.distributed.is_main and (self.folder / STATE_FILE).is_file():  # rank 0's choice
-            best = read_json(self.folder / STATE_FILE, "the fold's training state")["files"].get("best")
+        self.distributed.barrier()  # rank 0 has written the best epoch's file before any rank reads it
         if best is not None:
             load_weights(self.folder / best, self.model)
             if self.distributed.is_main:
