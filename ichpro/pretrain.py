@@ -6,9 +6,8 @@ segment the blood (parenchymal haematoma and intraventricular channels, soft Dic
 preprocessed masks) and to regress the haematoma volume (log mL) from its pooled feature map. The
 segmentation head is a light decoder *without skip connections* (three steps of a 3×3×3 convolution
 and ×2 up-sampling from ``layer4``'s map, then a 1×1×1 convolution), so the encoder's last feature
-map itself must carry where the blood is, down to the shape inside each of its cells. (A shallow
-head of two convolutions on the coarse map, the first version, held its soft Dice lower: 0.49 on
-the cpu profile against 0.60 with the decoder, both on the held-out pretraining patients.) Its last
+map itself must carry where the blood is, down to the shape inside each of its cells (the first
+version was two convolutions on the coarse map; ``bench/pretrain_cost.py`` times the two). Its last
 bias starts at the log-odds of a rare voxel (-4), so the first epochs learn the blood rather than
 the background.
 
