@@ -7,9 +7,27 @@ PROFILE ?= cpu
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup reproduce test lint bench clean
+# executed cpu notebooks are committed (to read without running); other profiles stay in runs/
+ifeq ($(PROFILE),cpu)
+OUTPUTS := --figures-dir figures --notebooks-dir figures/notebooks
+else
+OUTPUTS := --figures-dir runs/$(PROFILE)/figures
+endif
 
-setup: $(STAMP)
+.PHONY: setup notebook-filter reproduce test lint bench clean
+
+setup: $(STAMP) notebook-filter
+
+# Source notebooks reach git without outputs, execution counts or the kernel's version, whatever
+# JupyterLab saved (git filter from nbstripout; .gitattributes applies it to notebooks/ only).
+notebook-filter: $(STAMP)
+	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	  git config filter.nbstripout.clean "'$(CURDIR)/$(BIN)/python' -m nbstripout --keep-id"; \
+	  git config filter.nbstripout.smudge cat; \
+	  git config filter.nbstripout.required true; \
+	  git config filter.nbstripout.extrakeys "metadata.language_info"; \
+	  git config diff.ipynb.textconv "'$(CURDIR)/$(BIN)/python' -m nbstripout -t --keep-id"; \
+	fi
 
 # torch is pinned first so that pip takes the CPU build instead of a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -20,10 +38,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m ipykernel install --prefix $(VENV) --name python3 >/dev/null
 	touch $(STAMP)
 
-reproduce: $(STAMP)
-	$(BIN)/ichpro reproduce --profile $(PROFILE) --figures-dir figures
+reproduce: setup
+	$(BIN)/ichpro reproduce --profile $(PROFILE) $(OUTPUTS)
 
-test: $(STAMP)
+test: setup
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

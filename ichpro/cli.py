@@ -197,7 +197,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
     run_notebooks(args.profile, only=args.only, data_dir=args.data or "",
                   output_dir=args.out or "", figures_dir=args.figures_dir or "", seed=args.seed,
-                  log_output=args.log_output)
+                  log_output=args.log_output, executed_dir=args.notebooks_dir or "")
     return 0
 
 
@@ -294,12 +294,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", help="run the notebooks headless with papermill",
                        description="Execute notebooks/NN_*.ipynb in order into "
-                                   "runs/<profile>/notebooks/, generating the cohort if missing.")
+                                   "runs/<profile>/notebooks/ (or --notebooks-dir), generating the "
+                                   "cohort and pretraining the vision encoder if missing.")
     p.add_argument("--profile", default="cpu", help="smoke, cpu or paper (default cpu)")
     p.add_argument("--only", nargs="+", metavar="NN", help="run only these notebook numbers")
     p.add_argument("--data", help="cohort folder (default data_synthetic/<profile's cohort>)")
     p.add_argument("--out", help="run folder (default runs/<profile>)")
     p.add_argument("--figures-dir", help="where figures and tables go (default <run>/figures)")
+    p.add_argument("--notebooks-dir", help="where the executed notebooks and their timings go "
+                                           "(default <run>/notebooks)")
     p.add_argument("--seed", type=int, default=0, help="seed for splits, init and training")
     p.add_argument("--log-output", action="store_true", help="stream cell output to the log")
     p.set_defaults(func=_reproduce)

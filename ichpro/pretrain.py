@@ -112,6 +112,12 @@ def with_vision_weights(profile: Profile) -> Profile:
     return replace(profile, model=replace(profile.model, vision_weights=str(path)))
 
 
+def pretrained_ready(profile: Profile) -> bool:
+    """Whether the profile needs no pretraining: it names its own weights, or its encoder is cached."""
+    uses_pretraining = profile.model.vision_weights is None and profile.pretrain is not None
+    return not uses_pretraining or intact(pretrained_path(profile))
+
+
 def ensure_pretrained(profile: Profile, quiet: bool = False) -> None:
     """Pretrain the profile's vision encoder if it uses one and it is not in the cache yet."""
     if profile.model.vision_weights is None and profile.pretrain is not None:

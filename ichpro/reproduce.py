@@ -7,6 +7,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +18,14 @@ from monai.utils import set_determinism
 from ichpro.cohort import ensure_cohort
 from ichpro.config import REPO_ROOT, Profile, cache_root, get_profile
 from ichpro.errors import IchproError
-from ichpro.pretrain import ensure_pretrained
+from ichpro.pretrain import ensure_pretrained, pretrained_ready
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 RUNS_DIR = REPO_ROOT / "runs"
+#: where ``make reproduce`` keeps the executed cpu notebooks (committed, to read without running)
+EXECUTED_DIR = REPO_ROOT / "figures" / "notebooks"
+TIMINGS_FILE = "timings.csv"
+SETUP_ROW = "set-up: cohort and pretraining"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in kernel tracebacks
 
 
@@ -38,15 +43,24 @@ class RunContext:
         """Path of a figure or table file in the figures folder."""
         return self.figures_dir / name
 
+    def describe(self) -> str:
+        """One line on where this run reads and writes (repository-relative where inside it)."""
+        def shown(path: Path) -> str:
+            return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+        return (f"profile {self.profile.name}, cohort {shown(self.data_dir)}, "
+                f"figures -> {shown(self.figures_dir)}")
+
     @property
     def cache_dir(self) -> Path:
         """The cache of preprocessed CTs, frozen-encoder outputs and pretrained encoders."""
         return cache_root()
 
 
-def setup_notebook(profile: str = "smoke", data_dir: str = "", output_dir: str = "",
+def setup_notebook(profile: str = "cpu", data_dir: str = "", output_dir: str = "",
                    figures_dir: str = "", seed: int = 0) -> RunContext:
-    """Resolve a notebook's parameters, seed everything, and make sure the cohort exists."""
+    """Resolve a notebook's parameters, seed everything, quieten library noise, and make sure the
+    cohort and the pretrained vision encoder exist (made once, with progress bars, on a first run)."""
+    quiet_libraries()
     prof = get_profile(profile)
     # absolute paths: the runner's kernels work in notebooks/, not in the caller's folder
     data = (Path(data_dir) if data_dir else REPO_ROOT / "data_synthetic" / prof.cohort).resolve()
@@ -54,9 +68,33 @@ def setup_notebook(profile: str = "smoke", data_dir: str = "", output_dir: str =
     figs = (Path(figures_dir) if figures_dir else out / "figures").resolve()
     figs.mkdir(parents=True, exist_ok=True)
     set_determinism(seed)
+    if not (data / "manifest.csv").is_file() or not pretrained_ready(prof):
+        print(f"first run of the {prof.name} profile on this machine: making its cohort and pretrained "
+              f"vision encoder once (the {prof.name} reference run's set-up time: "
+              f"{reference_setup_minutes(prof.name)})", flush=True)
     ensure_cohort(prof.cohort, data)
     ensure_pretrained(prof)
     return RunContext(prof, data, out, figs, seed)
+
+
+def quiet_libraries() -> None:
+    """Silence what libraries print on every load (weight-loading bars, advisory warnings), so that
+    a notebook shows only its own output."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="monai")
+
+
+def reference_setup_minutes(profile: str) -> str:
+    """The set-up time of the profile's committed reference run, read from its timings file."""
+    timings = EXECUTED_DIR / TIMINGS_FILE
+    if profile != "cpu" or not timings.is_file():
+        return "not measured"
+    table = pd.read_csv(timings).set_index("notebook")["seconds"]
+    return f"{table.get(SETUP_ROW, float('nan')) / 60:.0f} min on 2 cores"
 
 
 def select_notebooks(only: list[str] | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:
@@ -73,25 +111,28 @@ def select_notebooks(only: list[str] | None = None, notebook_dir: Path = NOTEBOO
 
 def run_notebooks(profile: str, only: list[str] | None = None, data_dir: str = "",
                   output_dir: str = "", figures_dir: str = "", seed: int = 0,
-                  log_output: bool = False, notebook_dir: Path = NOTEBOOK_DIR) -> pd.DataFrame:
-    """Execute notebooks in order with papermill; returns wall time per notebook.
+                  log_output: bool = False, notebook_dir: Path = NOTEBOOK_DIR,
+                  executed_dir: str = "") -> pd.DataFrame:
+    """Execute notebooks in order with papermill; returns wall time per notebook (and of the set-up).
 
-    Executed copies go to ``<output_dir>/notebooks/``; a failing notebook's copy is kept
-    there and an :class:`IchproError` carries the failing cell's error.
+    Executed copies, and their timings, go to ``executed_dir`` (default ``<output_dir>/notebooks/``);
+    a failing notebook's copy is kept there and an :class:`IchproError` carries the failing cell's
+    error.
     """
     import papermill as pm  # heavy (Jupyter's client machinery): only the runner needs it
 
     notebooks = select_notebooks(only, notebook_dir)
+    start = time.perf_counter()
     ctx = setup_notebook(profile, data_dir, output_dir, figures_dir, seed)
-    executed = ctx.output_dir / "notebooks"
+    timings = [{"notebook": SETUP_ROW, "seconds": round(time.perf_counter() - start, 1)}]
+    executed = Path(executed_dir).resolve() if executed_dir else ctx.output_dir / "notebooks"
     executed.mkdir(parents=True, exist_ok=True)
     # the kernel named python3 must be this interpreter's (the project's .venv)
     os.environ["JUPYTER_PATH"] = os.pathsep.join(
         [str(Path(sys.prefix) / "share" / "jupyter"), os.environ.get("JUPYTER_PATH", "")])
-    parameters = {"profile": ctx.profile.name, "data_dir": str(ctx.data_dir),
-                  "output_dir": str(ctx.output_dir), "figures_dir": str(ctx.figures_dir),
-                  "seed": seed}
-    timings = []
+    folders = {"data_dir": ctx.data_dir, "output_dir": ctx.output_dir, "figures_dir": ctx.figures_dir}
+    parameters = {"profile": ctx.profile.name, "seed": seed,
+                  **{name: notebook_relative(path, notebook_dir) for name, path in folders.items()}}
     for nb in notebooks:
         start = time.perf_counter()
         print(f"[{ctx.profile.name}] {nb.name} ...", flush=True)
@@ -108,6 +149,15 @@ def run_notebooks(profile: str, only: list[str] | None = None, data_dir: str = "
         print(f"[{ctx.profile.name}] {nb.name} done in {seconds:.1f} s", flush=True)
         timings.append({"notebook": nb.name, "seconds": round(seconds, 1)})
     table = pd.DataFrame(timings)
-    table.to_csv(ctx.output_dir / "notebook_timings.csv", index=False)
-    print(f"total {np.sum(table['seconds']) if len(table) else 0:.1f} s", flush=True)
+    table.to_csv(executed / TIMINGS_FILE, index=False)
+    print(f"total {np.sum(table['seconds']):.1f} s", flush=True)
     return table
+
+
+def notebook_relative(path: Path, notebook_dir: Path) -> str:
+    """A folder as a notebook's kernel (working in ``notebook_dir``) reaches it: relative inside
+    the repository, so that executed notebooks name no machine's paths; absolute elsewhere."""
+    path, notebook_dir = Path(path).resolve(), Path(notebook_dir).resolve()
+    if path.is_relative_to(REPO_ROOT) and notebook_dir.is_relative_to(REPO_ROOT):
+        return os.path.relpath(path, notebook_dir)
+    return str(path)

@@ -1,12 +1,18 @@
-"""Every notebook is a clean source and executes on the smoke profile with papermill."""
+"""Every notebook is a clean source of short cells and executes on the smoke profile with papermill."""
 
+import ast
+import io
 import json
+import shlex
+import subprocess
+import tokenize
 
 import nbformat
+import pandas as pd
 import pytest
 
 from ichpro.errors import IchproError
-from ichpro.reproduce import NOTEBOOK_DIR, run_notebooks, select_notebooks
+from ichpro.reproduce import NOTEBOOK_DIR, SETUP_ROW, notebook_relative, run_notebooks, select_notebooks
 
 NOTEBOOKS = select_notebooks()
 PARAMETERS = ("profile", "data_dir", "output_dir", "figures_dir", "seed", "device")
@@ -33,16 +39,82 @@ def test_notebooks_are_numbered_uniquely_from_00():
     assert numbers[0] == 0 and numbers == sorted(set(numbers)) and len(numbers) >= 3
 
 
+#: the kernelspec JupyterLab writes for the project's kernel (``ipykernel install --name python3``)
+KERNELSPEC = {"display_name": "Python 3 (ipykernel)", "language": "python", "name": "python3"}
+MAX_LOGIC_LINES = 10
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=NOTEBOOK_DIR, capture_output=True, text=True).stdout.strip()
+
+
+def _clean_filter() -> list[str]:
+    """The checkout's nbstripout clean command (configured by ``make setup``), or []."""
+    return shlex.split(_git("config", "--get", "filter.nbstripout.clean"))
+
+
+def committed_text(notebook) -> str:
+    """The notebook as git would commit it: through the clean filter when the checkout has it."""
+    text = notebook.read_text()
+    if _clean_filter() and _git("check-attr", "filter", str(notebook)).endswith("nbstripout"):
+        text = subprocess.run(_clean_filter(), input=text, capture_output=True, text=True, check=True,
+                              cwd=NOTEBOOK_DIR).stdout
+    return text
+
+
+def logic_lines(source: str) -> int:
+    """Python logical lines of a cell, less imports (IPython magics, comments and blanks do not count)."""
+    code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+    import_ends = {node.end_lineno for node in ast.walk(ast.parse(code))
+                   if isinstance(node, ast.Import | ast.ImportFrom)}
+    return sum(1 for tok in tokenize.generate_tokens(io.StringIO(code + "\n").readline)
+               if tok.type == tokenize.NEWLINE and tok.start[0] not in import_ends)
+
+
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
 def test_source_notebook_is_clean_and_parameterised(notebook):
-    nb = nbformat.read(notebook, as_version=4)
+    nb = nbformat.reads(committed_text(notebook), as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(not c.outputs and c.execution_count is None for c in code), "strip the outputs"
+    assert all(not c.outputs and c.execution_count is None for c in code), "strip the outputs (make setup)"
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1 and tagged[0] is code[0], "the first code cell is the parameters cell"
     assert all(f"{name} =" in tagged[0].source for name in PARAMETERS)
+    assert 'profile = "cpu"' in tagged[0].source, "notebooks default to the profile of the committed figures"
     assert code[-1].source.strip() == "versions()", "end with the provenance cell"
-    assert nb.metadata["kernelspec"]["name"] == "python3"
+    assert nb.metadata["kernelspec"] == KERNELSPEC, "JupyterLab's metadata: opening is a no-op"
+
+
+@pytest.mark.skipif(not _clean_filter(), reason="the notebook filter is set up by make setup")
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_clean_filter_leaves_the_committed_notebook_unchanged(notebook):
+    committed = _git("show", f"HEAD:notebooks/{notebook.name}")
+    if not committed:
+        pytest.skip("not committed yet")
+    filtered = subprocess.run(_clean_filter(), input=committed + "\n", capture_output=True, text=True,
+                              check=True).stdout
+    assert filtered.strip() == committed, "write notebooks as the filter does (nbstripout --keep-id)"
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_cells_are_short(notebook):
+    nb = nbformat.read(notebook, as_version=4)
+    long = {i: n for i, c in enumerate(nb.cells) if c.cell_type == "code"
+            and (n := logic_lines(c.source)) > MAX_LOGIC_LINES}
+    assert not long, f"cells (index: logic lines) {long} over {MAX_LOGIC_LINES}: move the logic into ichpro"
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ("import numpy as np\nfrom a import (\n  b,\n  c,\n)\n", 0),
+    ("x = f(\n  1,\n  2,\n)\n# a comment\n\ny = 2\n%matplotlib inline\n", 2),
+    ('def f(a):\n    """doc"""\n    return a\n', 3),
+])
+def test_logic_lines_count_statements_not_physical_lines(source, expected):
+    assert logic_lines(source) == expected
+
+
+def test_injected_folders_are_relative_inside_the_repository(tmp_path):
+    assert notebook_relative(NOTEBOOK_DIR.parent / "figures", NOTEBOOK_DIR) == "../figures"
+    assert notebook_relative(tmp_path, NOTEBOOK_DIR) == str(tmp_path.resolve())
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +164,13 @@ def test_relative_folders_are_resolved_against_the_callers_folder(smoke_cohort, 
                   figures_dir="figs")
     assert (tmp_path / "run" / "notebooks" / "00_overview.ipynb").is_file()
     assert (tmp_path / "figs").is_dir() and not (NOTEBOOK_DIR / "figs").exists()
+
+
+def test_executed_copies_and_timings_go_to_the_chosen_folder(smoke_cohort, tmp_path):
+    table = run_notebooks("smoke", only=["00"], data_dir=str(smoke_cohort), output_dir=str(tmp_path / "run"),
+                          executed_dir=str(tmp_path / "executed"))
+    assert (tmp_path / "executed" / "00_overview.ipynb").is_file()
+    assert not (tmp_path / "run" / "notebooks").exists()
+    timings = pd.read_csv(tmp_path / "executed" / "timings.csv")
+    assert list(timings["notebook"]) == [SETUP_ROW, "00_overview.ipynb"] == list(table["notebook"])
+    assert (timings["seconds"] >= 0).all()
