@@ -443,6 +443,28 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def readme_table(table: pd.DataFrame) -> str:
+    """The README's short form of a results table: AUC with CI, DeLong p, ceiling, and the seed spread
+    or the cost columns where the table has them (the README's tables are this, from the CSVs)."""
+    seeds = "n_seeds" in table.columns and table["n_seeds"].notna().any()
+    costs = "params" in table.columns
+    header = (["row", "paper AUC", "ours AUC (95 % CI)", "DeLong p", "ceiling"]
+              + (["trainable params", "s / fold"] if costs else [])
+              + (["AUC over seeds: min-max (sd)"] if seeds else []))
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    for r in table.to_dict("records"):
+        cells = [r["row"], "not in the paper" if np.isnan(r["paper_auc"]) else f"{r['paper_auc']:.3f}",
+                 f"{r['auc']:.3f} ({r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f})",
+                 "" if np.isnan(r["delong_p"]) else f"{r['delong_p']:.2g}", f"{r['ceiling_auc']:.3f}"]
+        if costs:
+            cells += [f"{int(r['params']):,}", f"{r['seconds_per_fold']:.1f}"]
+        if seeds:
+            cells.append("" if np.isnan(r["n_seeds"]) else f"{r['auc_seed_min']:.3f}-{r['auc_seed_max']:.3f} "
+                         f"({r['auc_seed_sd']:.3f}, {int(r['n_seeds'])} seeds)")
+        lines.append("| " + " | ".join(cells).rstrip() + " |")
+    return "\n".join(lines) + "\n"
+
+
 def describe_table(table: pd.DataFrame, reference: str) -> list[str]:
     """Sentences about a results table that hold whatever its numbers are (best rows, DeLong, ranks)."""
     t = table.set_index("row")
@@ -507,7 +529,7 @@ def write_table(table: pd.DataFrame, path_stem: str | Path, title: str) -> list[
     """Write ``<stem>.csv``, ``<stem>.md`` and the AUC figure ``<stem>.png``; returns the paths."""
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(stem.with_suffix(".csv"), index=False, float_format="%.4f")
+    table.to_csv(stem.with_suffix(".csv"), index=False, float_format="%.6g")  # small p-values too
     stem.with_suffix(".md").write_text(f"# {title}\n\n" + to_markdown(table))
     figure = save_figure(plot_table_auc(table, title), stem.with_suffix(".png"))
     return [stem.with_suffix(".csv"), stem.with_suffix(".md"), figure]

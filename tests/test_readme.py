@@ -1,0 +1,56 @@
+"""The README's result tables are the committed CSVs, and its map names every committed figure."""
+
+import re
+import subprocess
+
+import pandas as pd
+import pytest
+
+from ichpro.config import REPO_ROOT
+from ichpro.experiments import readme_table
+
+README = (REPO_ROOT / "README.md").read_text()
+FIGURES = REPO_ROOT / "figures"
+#: a README results table follows the link to its Markdown file in figures/
+TABLE_LINK = re.compile(r"\(figures/(table\d_\w+)\.md\)[^\n]*\n(?:[^|\n][^\n]*\n)*\n((?:\|[^\n]*\n)+)")
+
+
+def test_every_results_table_is_quoted():
+    quoted = {m.group(1) for m in TABLE_LINK.finditer(README)}
+    assert quoted == {"table1_modalities", "table2_fusion", "table3_losses", "table4_comparison"}
+
+
+@pytest.mark.parametrize("match", list(TABLE_LINK.finditer(README)), ids=lambda m: m.group(1))
+def test_readme_table_equals_its_committed_csv(match):
+    expected = readme_table(pd.read_csv(FIGURES / f"{match.group(1)}.csv"))
+    assert match.group(2) == expected, f"regenerate with ichpro.experiments.readme_table({match.group(1)})"
+
+
+def test_readme_table_formats_a_row_by_hand():
+    row = {"row": "A", "paper_auc": float("nan"), "auc": 0.81234, "auc_ci_low": 0.7, "auc_ci_high": 0.9,
+           "delong_p": 4.8e-05, "ceiling_auc": 0.912, "n_seeds": 3, "auc_seed_min": 0.8,
+           "auc_seed_max": 0.83, "auc_seed_sd": 0.0151}
+    assert readme_table(pd.DataFrame([row])).splitlines()[2] == (
+        "| A | not in the paper | 0.812 (0.700-0.900) | 4.8e-05 | 0.912 | 0.800-0.830 (0.015, 3 seeds) |")
+
+
+def _committed(folder: str) -> list[str]:
+    out = subprocess.run(["git", "ls-files", folder], cwd=REPO_ROOT, capture_output=True, text=True).stdout
+    return [line.removeprefix("figures/") for line in out.split()]
+
+
+def test_the_map_names_every_committed_figure_and_table():
+    committed = [f for f in _committed("figures") if f.endswith((".png", ".csv", ".md"))]
+    map_section = README.split("## Paper items, notebooks and outputs")[1].split("\n## ")[0]
+    names = set(re.findall(r"[\w./-]+\.(?:png|csv|md)", map_section))
+    expanded = set()
+    for stem, exts in re.findall(r"([\w/-]+)\.\{([\w,]+)\}", map_section):
+        expanded |= {f"{stem}.{e}" for e in exts.split(",")}
+    missing = [f for f in committed if f not in names | expanded and not f.startswith("notebooks/")]
+    assert committed and not missing, f"add to the README's map: {missing}"
+
+
+def test_every_executed_notebook_is_linked():
+    executed = [f for f in _committed("figures/notebooks") if f.endswith(".ipynb")]
+    missing = [f for f in executed if f"figures/{f}" not in README]
+    assert not missing, f"link from the README: {missing}"
