@@ -411,6 +411,13 @@ def preprocess_transforms(cfg: PreprocessConfig, with_blood: bool = False) -> Co
     return _Pipeline(list(preprocess_steps(cfg, with_blood).values()))
 
 
+def windowed(hu: float | Sequence[float] | np.ndarray, window: tuple[float, float]) -> np.ndarray:
+    """HU values as the ``window`` step maps them, ``(hu - low) / (high - low)``, before it clips to
+    [0, 1] (so that a HU range, such as a display window, can also be read on the model's scale)."""
+    lo, hi = window
+    return (np.asarray(hu, dtype=float) - lo) / (hi - lo)
+
+
 def load_ct(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Load a CT (NIfTI file or DICOM folder, checked: :class:`CheckCTd`) as a HU array in RAS voxel
     order and its affine."""

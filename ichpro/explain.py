@@ -1,5 +1,7 @@
-"""Explanations of a trained ICHPro model: Grad-CAM, attention maps, their overlap with the haematoma,
-counterfactual reports, and maps moved back onto the original CT's voxels.
+"""Explanations of a trained ICHPro model: Grad-CAM, attention maps, TRT's token attention, their
+overlap with the haematoma (read against the pointing game's chance and the ceiling a map's grid
+allows; for the comparators' Grad-CAM too), counterfactual reports, and maps moved back onto the
+original CT's voxels.
 
 Every map lives on the model input's voxel grid (D, H, W) (see ``ichpro.data``) unless
 :func:`to_original_grid` moves it. The functions put the model in eval mode while they work and
@@ -16,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.data import MetaTensor
-from monai.transforms import InvertibleTransform
+from monai.transforms import InvertibleTransform, Resize
 from monai.utils import TraceKeys
 from scipy import ndimage
 
@@ -24,9 +26,10 @@ from ichpro.cohort import OUTCOME_MODEL
 from ichpro.config import PreprocessConfig
 from ichpro.data import preprocess_steps, preprocess_transforms
 from ichpro.errors import IchproError
-from ichpro.gradcam import explaining, grad_cam
+from ichpro.gradcam import explaining, feature_grid, grad_cam
 from ichpro.manifest import load_manifest
 from ichpro.models import ICHPro, ModelOutput
+from ichpro.plots import binomial_ci
 from ichpro.predict import TrainedRun, read_report
 from ichpro.reports import Report, parse, render
 from ichpro.text import tokenize
@@ -82,17 +85,50 @@ def attention_in_mask(heatmap: np.ndarray | torch.Tensor, blood_share: np.ndarra
     of its 26 neighbours (tolerance: 1 voxel of the model grid along each axis, diagonals included).
     Undefined shares (no mass or no haematoma) are NaN.
     """
-    heat, share = _numpy(heatmap).astype(np.float64), _numpy(blood_share).astype(np.float64)
-    brain = _numpy(brain).astype(bool)
-    heat, share = np.where(brain, heat, 0.0), np.where(brain, share, 0.0)
+    share, brain = _in_brain(blood_share, brain)
+    heat = np.where(brain, _numpy(heatmap).astype(np.float64), 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         mass_inside = float((heat * share).sum() / heat.sum())
         volume_share = float(share.sum() / brain.sum())
         ratio = mass_inside / volume_share if volume_share > 0 else float("nan")
-    near_blood = ndimage.binary_dilation(share > 0, structure=np.ones((3, 3, 3), dtype=bool))
     peak = np.unravel_index(np.argmax(np.where(brain, heat, -np.inf)), heat.shape)
     return {"mass_inside": mass_inside, "volume_share": volume_share, "ratio": ratio,
-            "pointing_hit": bool(near_blood[peak])}
+            "pointing_hit": bool(_near_blood(share)[peak])}
+
+
+def _near_blood(share: np.ndarray) -> np.ndarray:
+    """The voxels that count as a pointing-game hit: haematoma or one of its 26 neighbours."""
+    return ndimage.binary_dilation(share > 0, structure=np.ones((3, 3, 3), dtype=bool))
+
+
+def _in_brain(blood_share: np.ndarray | torch.Tensor, brain: np.ndarray | torch.Tensor
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """The haematoma share within the brain (float64) and the brain (bool)."""
+    brain = _numpy(brain).astype(bool)
+    return np.where(brain, _numpy(blood_share).astype(np.float64), 0.0), brain
+
+
+def pointing_chance(blood_share: np.ndarray | torch.Tensor, brain: np.ndarray | torch.Tensor) -> float:
+    """The pointing game's chance level: the share of brain voxels that count as a hit in
+    :func:`attention_in_mask` (haematoma or one of its neighbours), what a map whose peak falls
+    anywhere in the brain with equal probability scores."""
+    share, brain = _in_brain(blood_share, brain)
+    return float((_near_blood(share) & brain).sum() / brain.sum())
+
+
+def grid_ceiling(blood_share: np.ndarray | torch.Tensor, brain: np.ndarray | torch.Tensor,
+                 grid: Sequence[int]) -> float:
+    """The highest ``ratio`` of :func:`attention_in_mask` a map made on a coarser ``grid`` can
+    score: all its mass on the one cell whose brain voxels hold the largest mean haematoma share.
+
+    The cells split the input grid as adaptive average pooling does (every map's grid covers the
+    whole input); a cell without brain holds no share.
+    """
+    share, brain = _in_brain(blood_share, brain)
+    both = torch.as_tensor(np.stack([share, brain]), dtype=torch.float64)[None]
+    cells = torch.nn.functional.adaptive_avg_pool3d(both, tuple(grid))[0]
+    best_cell = float((cells[0] / cells[1].clamp_min(1e-12)).max())
+    return best_cell / float(share.sum() / brain.sum())
 
 
 def brain_of(ct: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -100,7 +136,7 @@ def brain_of(ct: np.ndarray | torch.Tensor) -> np.ndarray:
     return ndimage.binary_fill_holes(_numpy(ct) > 0)
 
 
-def _batch(run: TrainedRun, ct: torch.Tensor, report: str) -> dict[str, torch.Tensor]:
+def report_batch(run: TrainedRun, ct: torch.Tensor, report: str) -> dict[str, torch.Tensor]:
     """A one-patient model batch from a preprocessed CT (1, D, H, W) and a report text."""
     batch = tokenize(run.text.tokenizer, [report], run.profile.model.max_tokens)
     batch["ct"] = ct[None]
@@ -133,7 +169,6 @@ def localisation_table(run: TrainedRun, manifest: str | Path, patient_ids: Seque
     if "mask_path" not in rows.columns:
         raise IchproError(f"manifest {manifest} has no mask_path column: localisation needs each "
                           "patient's haematoma mask")
-    pipeline = preprocess_transforms(run.profile.preprocess, with_blood=True)
     ids = list(rows.index if patient_ids is None else patient_ids)
     unknown = [pid for pid in ids if pid not in rows.index]
     if unknown:
@@ -141,11 +176,11 @@ def localisation_table(run: TrainedRun, manifest: str | Path, patient_ids: Seque
     records = []
     for pid in ids:
         row = rows.loc[pid]
-        data = pipeline({"ct": row["ct_path"], "blood": str(manifest.parent / row["mask_path"])})
-        brain = brain_of(data["ct"][0])
-        for method, heatmap in patient_maps(run, _batch(run, data["ct"], row["report"])).items():
+        ct, blood = patient_volumes(row, run.profile.preprocess)
+        brain = brain_of(ct[0])
+        for method, heatmap in patient_maps(run, report_batch(run, ct, row["report"])).items():
             records.append({"patient_id": pid, "label": int(row["label"]), "method": method,
-                            **attention_in_mask(heatmap, data["blood"][0], brain)})
+                            **attention_in_mask(heatmap, blood[0], brain)})
     return pd.DataFrame.from_records(records)
 
 
@@ -153,6 +188,111 @@ def localisation_summary(table: pd.DataFrame) -> pd.DataFrame:
     """Mean of each measure per method (pointing_hit becomes the pointing-game hit rate)."""
     numbers = table.astype({"pointing_hit": float})
     return numbers.groupby("method")[list(MEASURES)].mean()
+
+
+def localisation_statistics(table: pd.DataFrame) -> pd.DataFrame:
+    """Per method, in the table's order: :func:`localisation_summary`'s means (``ratio``: the mean
+    ratio; NaN ratios, of maps without mass in the brain, left out), ``pointing_hit_rate`` with its
+    Clopper-Pearson 95 % CI (``pointing_ci_low``, ``pointing_ci_high``), ``n`` patients, the
+    ``median_ratio``, the ``share_above_1`` of patients whose ratio beats a uniform map, and, where the
+    table has them (:func:`localisation_baselines`), the median ``grid_ceiling`` and the mean
+    ``pointing_chance``."""
+    methods = list(dict.fromkeys(table["method"]))
+    by_method = table.groupby("method", sort=False)
+    extra = by_method.agg(n=("patient_id", "nunique"), median_ratio=("ratio", "median"),
+                          share_above_1=("ratio", lambda r: float((r > 1).mean())))
+    if {"grid_ceiling", "pointing_chance"} <= set(table.columns):
+        extra = extra.join(by_method.agg(grid_ceiling=("grid_ceiling", "median"),
+                                         pointing_chance=("pointing_chance", "mean")))
+    hits = by_method["pointing_hit"].agg(["sum", "count"])
+    ci = pd.DataFrame([binomial_ci(int(s), int(c)) for s, c in zip(hits["sum"], hits["count"])],
+                      index=hits.index, columns=["pointing_ci_low", "pointing_ci_high"])
+    summary = localisation_summary(table).join(extra).join(ci)
+    return summary.rename(columns={"pointing_hit": "pointing_hit_rate"}).loc[methods]
+
+
+def patient_volumes(record: Mapping, preprocess: PreprocessConfig, size: Sequence[int] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A manifest record's CT (1, D, H, W) and blood shares (2, D, H, W: parenchymal haematoma,
+    intraventricular blood) on a model's grid: the preprocessing with its label mask (``mask_path``),
+    then, for a model that reads its CT at ``size`` (its ``ct_size``), the area resize that training
+    applies after the preprocessing (:class:`ichpro.batches.BatchSource`)."""
+    if pd.isna(record.get("mask_path")):
+        raise IchproError(f"patient {record.get('patient_id')} has no mask_path: outlining and measuring "
+                          "the haematoma needs each patient's label mask")
+    data = preprocess_transforms(preprocess, with_blood=True)(
+        {"ct": str(record["ct_path"]), "blood": str(record["mask_path"])})
+    if size is None:
+        return data["ct"], data["blood"]
+    resize = Resize(tuple(size), mode="area")
+    return tuple(torch.as_tensor(_numpy(resize(data[key]))) for key in ("ct", "blood"))
+
+
+def patients_on_grid(manifest: pd.DataFrame, patient_ids: Sequence[str], preprocess: PreprocessConfig,
+                     size: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`patient_volumes` of several patients of a manifest: CTs (B, 1, D, H, W) and blood shares
+    (B, 2, D, H, W)."""
+    rows = manifest.set_index(manifest["patient_id"].astype(str), drop=False)
+    volumes = [patient_volumes(rows.loc[str(pid)], preprocess, size) for pid in patient_ids]
+    return torch.stack([ct for ct, _ in volumes]), torch.stack([blood for _, blood in volumes])
+
+
+def maps_in_mask(maps: Mapping[str, np.ndarray | torch.Tensor], cts: torch.Tensor, blood_share: torch.Tensor,
+                 patient_ids: Sequence[str]) -> pd.DataFrame:
+    """:func:`attention_in_mask` of each method's map of each patient, one row per (patient_id,
+    method): ``maps`` method -> (B, D, H, W), on the grid of the CTs (B, 1, D, H, W) and of the
+    haematoma shares (B, D, H, W). A map without mass in the brain (such as a Grad-CAM whose ReLU
+    left nothing) has no peak: its ``pointing_hit`` is False, its ratio NaN."""
+    brains = [brain_of(ct[0]) for ct in cts]
+    records = []
+    for method, heat in maps.items():
+        for j, pid in enumerate(patient_ids):
+            found = attention_in_mask(heat[j], blood_share[j], brains[j])
+            found["pointing_hit"] = found["pointing_hit"] and not np.isnan(found["mass_inside"])
+            records.append({"patient_id": pid, "method": method, **found})
+    return pd.DataFrame.from_records(records)
+
+
+def localisation_baselines(manifest: pd.DataFrame, patient_ids: Sequence[str], preprocess: PreprocessConfig,
+                           grids: Mapping[str, Sequence[int]], size: Sequence[int] | None = None
+                           ) -> pd.DataFrame:
+    """What each method's map of each patient is read against, one row per (patient_id, method):
+    :func:`pointing_chance` and the :func:`grid_ceiling` of the grid ``grids[method]`` the map is
+    made on (:func:`map_grids`), on the model grid of :func:`patient_volumes` (one patient at a time)."""
+    rows = manifest.set_index(manifest["patient_id"].astype(str), drop=False)
+    records = []
+    for pid in patient_ids:
+        ct, blood = patient_volumes(rows.loc[str(pid)], preprocess, size)
+        brain = brain_of(ct[0])
+        chance = pointing_chance(blood[0], brain)
+        records += [{"patient_id": pid, "method": method, "pointing_chance": chance,
+                     "grid_ceiling": grid_ceiling(blood[0], brain, grid)} for method, grid in grids.items()]
+    return pd.DataFrame.from_records(records)
+
+
+def _blank_ct_batch(run: TrainedRun, report: str) -> dict[str, torch.Tensor]:
+    """A model batch of a report with an all-zero CT of the run's input size."""
+    return report_batch(run, torch.zeros(1, *run.profile.preprocess.spatial_size), report)
+
+
+def map_grids(run: TrainedRun) -> dict[str, tuple[int, ...]]:
+    """The grid each map of :func:`patient_maps` is made on before it is up-sampled to the input:
+    each fusion attention map's key grid, and Grad-CAM's, the vision encoder's feature grid."""
+    model = run.models[0]
+    return {**model.fusion.map_grids, GRAD_CAM: feature_grid(model, _blank_ct_batch(run, ""))}
+
+
+def token_attention(run: TrainedRun, report: str) -> pd.Series:
+    """The attention TRT's grid queries pay each token of a report, averaged over heads, grid cells
+    and the run's fold models; index ``position:token``. It sums to 1: a token read no more than
+    any other gets 1 / tokens."""
+    batch = _blank_ct_batch(run, report)  # TRT reads only the report
+    outputs = [_output(model, batch) for model in run.models]
+    if outputs[0].token_attention is None:
+        raise IchproError("this run's TRT has no token attention (positional TRT or a vision-only model)")
+    read = torch.stack([out.token_attention[0].mean(dim=(0, 1)) for out in outputs]).mean(0)
+    pieces = run.text.tokenizer.convert_ids_to_tokens(batch["input_ids"][0])
+    return pd.Series(read.numpy(), index=[f"{i}:{t}" for i, t in enumerate(pieces)])
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,7 +341,7 @@ def counterfactual(run: TrainedRun, ct: str | Path | torch.Tensor, report: str,
     after = edit_report(before, **changes)
     result: dict[str, object] = {"report_before": before, "report_after": after}
     for when, text in (("before", before), ("after", after)):
-        batch = _batch(run, image, text)
+        batch = report_batch(run, image, text)
         result[f"p_bad_{when}"] = _p_bad(run, batch)
         result[f"attention_{when}"] = patient_maps(run, batch, with_grad_cam=False)
     return result

@@ -55,6 +55,26 @@ class _BadOutcome(nn.Module):
             hook.remove()
 
 
+def _layer(model: PrognosisModel) -> nn.Module:
+    """The module Grad-CAM weighs (the model's ``gradcam_layer``); a clear error if it names none."""
+    if model.gradcam_layer is None:
+        raise IchproError(f"{type(model).__name__} names no layer for Grad-CAM (its gradcam_layer is None)")
+    return model.get_submodule(model.gradcam_layer)
+
+
+def feature_grid(model: PrognosisModel, batch: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+    """The grid of the ``gradcam_layer``'s feature maps on a batch: the grid a Grad-CAM map is made on
+    before it is up-sampled to the CT."""
+    shapes = []
+    hook = _layer(model).register_forward_hook(lambda _m, _i, output: shapes.append(tuple(output.shape[2:])))
+    try:
+        with explaining(model), torch.no_grad():
+            model(batch)
+    finally:
+        hook.remove()
+    return shapes[0]
+
+
 def _per_patient_max(maps: torch.Tensor) -> torch.Tensor:
     """Divide each patient's map by its maximum (an all-zero map stays zero)."""
     peak = maps.flatten(1).amax(dim=1).reshape(-1, *[1] * (maps.dim() - 1))
@@ -72,8 +92,7 @@ def grad_cam(model: PrognosisModel, batch: Mapping[str, torch.Tensor],
     it lies in [0, 1] and keeps its zero. The batch must make the model run that layer (ICHPro: the
     ``ct``, not its features).
     """
-    if model.gradcam_layer is None:
-        raise IchproError(f"{type(model).__name__} names no layer for Grad-CAM (its gradcam_layer is None)")
+    _layer(model)
     size = tuple(batch["ct"].shape[2:]) if size is None else tuple(size)
     grid = torch.zeros(len(next(iter(batch.values()))), 1, *size)
     with explaining(model):

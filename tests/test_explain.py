@@ -9,12 +9,16 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from monai.transforms import Resize
 
 from ichpro import explain
 from ichpro.config import get_profile
 from ichpro.data import preprocess_transforms
 from ichpro.errors import IchproError
+from ichpro.gradcam import feature_grid
 from ichpro.models import build_model
+from ichpro.models.comparators import build_comparator
+from ichpro.plots import binomial_ci
 from ichpro.predict import TrainedRun
 from ichpro.reports import ReportStyle, parse, render
 from ichpro.text import load_text_backbone, tokenize
@@ -244,3 +248,118 @@ def test_counterfactual_table_asks_each_patient_s_own_fold_model(text, manifest,
     true = truth.set_index(truth["patient_id"].astype(str)).loc[ids]
     assert np.allclose(table["oracle_p_before"], true["p_bad_oracle"])  # the generator's own P(bad)
     assert (table["oracle_p_after"] > table["oracle_p_before"]).all()
+
+
+def test_pointing_chance_is_the_share_of_the_brain_that_counts_as_a_hit():
+    brain = np.ones((5, 5, 5), dtype=bool)
+    centre, corner = np.zeros((5, 5, 5)), np.zeros((5, 5, 5))
+    centre[2, 2, 2], corner[0, 0, 0] = 0.3, 1.0
+    assert explain.pointing_chance(centre, brain) == pytest.approx(27 / 125)  # the voxel, 26 neighbours
+    assert explain.pointing_chance(corner, brain) == pytest.approx(8 / 125)
+    half = brain.copy()
+    half[:, :, 3:] = False  # hits outside the brain do not count, blood outside it neither
+    assert explain.pointing_chance(centre, half) == pytest.approx(18 / 75)
+    share, brain = _volumes()
+    deltas = [np.eye(1, share.size, k).reshape(share.shape) for k in np.flatnonzero(brain)]  # peak anywhere
+    peaks = [explain.attention_in_mask(delta, share, brain)["pointing_hit"] for delta in deltas]
+    assert explain.pointing_chance(share, brain) == pytest.approx(np.mean(peaks))
+
+
+def test_grid_ceiling_is_the_ratio_of_the_best_cell():
+    brain = np.ones((4, 4, 4), dtype=bool)
+    block, slab = np.zeros((4, 4, 4)), np.zeros((4, 4, 4))
+    block[:2, :2, :2] = 1.0  # fills one cell of a 2 x 2 x 2 grid: 1 / (8 / 64)
+    slab[:1, :2, :2] = 1.0  # fills half of it: 0.5 / (4 / 64)
+    assert explain.grid_ceiling(block, brain, (2, 2, 2)) == pytest.approx(8.0)
+    assert explain.grid_ceiling(slab, brain, (2, 2, 2)) == pytest.approx(8.0)
+    assert explain.grid_ceiling(slab, brain, (4, 4, 4)) == pytest.approx(16.0)  # the input grid: 1 / (4 / 64)
+    assert explain.grid_ceiling(block, brain, (1, 1, 1)) == pytest.approx(1.0)  # one cell: uniform
+    left = brain.copy()
+    left[:, :, 2:] = False  # the brain is half the volume: volume share 8 / 32, the block's cell all brain
+    assert explain.grid_ceiling(block, left, (2, 2, 2)) == pytest.approx(4.0)
+    heat = np.zeros((4, 4, 4))
+    heat[:2, :2, :2] = 1.0  # the map that reaches it
+    assert explain.attention_in_mask(heat, block, left)["ratio"] == pytest.approx(4.0)
+
+
+def test_localisation_statistics_per_method_in_table_order():
+    table = pd.DataFrame({"patient_id": list("abcd") * 2, "method": ["z"] * 4 + ["y"] * 4,
+                          "mass_inside": 0.1, "volume_share": 0.05,
+                          "ratio": [2.0, 0.5, np.nan, 4.0, 1.0, 1.0, 1.0, 1.0],
+                          "pointing_hit": [True, False, False, True] + [False] * 4,
+                          "pointing_chance": [0.1, 0.2, 0.3, 0.4] * 2,
+                          "grid_ceiling": [1.0, 2.0, 3.0, 10.0] * 2})
+    stats = explain.localisation_statistics(table)
+    assert list(stats.index) == ["z", "y"]
+    assert list(stats.columns) == ["mass_inside", "volume_share", "ratio", "pointing_hit_rate", "n",
+                                   "median_ratio", "share_above_1", "grid_ceiling", "pointing_chance",
+                                   "pointing_ci_low", "pointing_ci_high"]
+    z = stats.loc["z"]
+    assert z["ratio"] == pytest.approx(6.5 / 3) and z["median_ratio"] == 2.0 and z["share_above_1"] == 0.5
+    assert z["n"] == 4 and z["pointing_hit_rate"] == 0.5 and z["grid_ceiling"] == 2.5
+    assert z["pointing_chance"] == pytest.approx(0.25)
+    assert (z["pointing_ci_low"], z["pointing_ci_high"]) == pytest.approx(binomial_ci(2, 4))
+    assert stats.loc["y", "share_above_1"] == 0 and stats.loc["y", "pointing_ci_low"] == 0
+
+
+def test_patient_volumes_resize_as_training_does(manifest):
+    record = manifest.iloc[0]
+    ct, blood = explain.patient_volumes(record, SMOKE.preprocess)
+    assert ct.shape == (1, *SIZE) and blood.shape == (2, *SIZE)
+    small_ct, small_blood = explain.patient_volumes(record, SMOKE.preprocess, (8, 16, 16))
+    assert small_ct.shape == (1, 8, 16, 16) and small_blood.shape == (2, 8, 16, 16)
+    assert type(small_ct) is torch.Tensor
+    torch.testing.assert_close(small_ct, Resize((8, 16, 16), mode="area")(ct).as_tensor())
+    torch.testing.assert_close(small_blood.mean(dim=(1, 2, 3)), blood.mean(dim=(1, 2, 3)))  # volume kept
+    ids = manifest["patient_id"][:2]
+    cts, bloods = explain.patients_on_grid(manifest, ids, SMOKE.preprocess, (8, 16, 16))
+    assert cts.shape == (2, 1, 8, 16, 16) and bloods.shape == (2, 2, 8, 16, 16)
+    torch.testing.assert_close(cts[0], small_ct)
+    with pytest.raises(IchproError, match="ICH.* has no mask_path"):
+        explain.patient_volumes(record.drop("mask_path"), SMOKE.preprocess)
+
+
+def test_maps_in_mask_and_baselines_score_each_map_of_each_patient(manifest):
+    ids = list(manifest["patient_id"][:2])
+    ct, blood = explain.patients_on_grid(manifest, ids, SMOKE.preprocess)
+    maps = {"on the blood": blood[:, 0], "uniform": torch.ones_like(blood[:, 0]),
+            "zero": torch.zeros_like(ct[:, 0])}
+    found = explain.maps_in_mask(maps, ct, blood[:, 0], ids)
+    assert list(found["method"]) == ["on the blood"] * 2 + ["uniform"] * 2 + ["zero"] * 2
+    assert list(found["patient_id"]) == ids * 3
+    zero = found[found["method"] == "zero"]
+    assert zero["ratio"].isna().all() and not zero["pointing_hit"].any()  # no mass, no peak
+    np.testing.assert_allclose(found.loc[found["method"] == "uniform", "ratio"], 1.0)
+    assert found.loc[found["method"] == "on the blood", "pointing_hit"].all()
+    grids = {"coarse": (1, 1, 1), "fine": SIZE}
+    base = explain.localisation_baselines(manifest, ids, SMOKE.preprocess, grids)
+    assert list(base.columns) == ["patient_id", "method", "pointing_chance", "grid_ceiling"]
+    assert len(base) == 4
+    coarse, fine = base[base["method"] == "coarse"], base[base["method"] == "fine"]
+    np.testing.assert_allclose(coarse["grid_ceiling"], 1.0)
+    assert (fine["grid_ceiling"] > 1).all()
+    brain = explain.brain_of(ct[0, 0])
+    assert fine["pointing_chance"].iloc[0] == pytest.approx(explain.pointing_chance(blood[0, 0], brain))
+
+
+def test_map_grids_and_feature_grid_name_each_map_s_grid(run, batch):
+    model = run.models[0]
+    grids = explain.map_grids(run)
+    assert set(grids) == set(explain.patient_maps(run, {k: v[:1] for k, v in batch.items()}))
+    assert grids[explain.GRAD_CAM] == tuple(model.vision(batch["ct"]).shape[2:])
+    assert {k: v for k, v in grids.items() if k != explain.GRAD_CAM} == model.fusion.map_grids
+    comparator = build_comparator("quantification", SMOKE.model).eval()
+    ct = torch.zeros(1, 1, *SMOKE.model.comparator_input)
+    assert feature_grid(comparator, {"ct": ct}) == tuple(comparator.encoder(ct).shape[2:])
+    assert _hooks(comparator) == 0
+    comparator.gradcam_layer = None
+    with pytest.raises(IchproError, match="names no layer for Grad-CAM"):
+        feature_grid(comparator, {"ct": ct})
+
+
+def test_token_attention_shares_sum_to_one_over_the_report_s_tokens(run, manifest):
+    report = manifest["report"].iloc[0]
+    read = explain.token_attention(run, report)
+    tokens = tokenize(run.text.tokenizer, [report], SMOKE.model.max_tokens)["input_ids"][0]
+    assert len(read) == len(tokens) and read.sum() == pytest.approx(1.0) and (read >= 0).all()
+    assert read.index[0].startswith("0:")
