@@ -17,8 +17,9 @@ class SequenceHeader(nn.Module):
     f_tbv's grid positions, in (d, h, w) order, become the sequence; a linear map C -> C on every
     position projects the features, which enter the DenseNet as C input channels. (Collapsing each
     position to a single value loses most of the signal, and a dense map from all C·|grid| features
-    would cost 134 M parameters at the paper's size.) With blocks (6, 12, 24, 16) and growth 32 the
-    header is DenseNet-121 (5.5 M parameters); its logits go to cross-entropy directly.
+    costs far more parameters: ``ichpro.views.fusion.parameter_counts`` counts it and this header
+    at every profile's size.) With blocks (6, 12, 24, 16) and growth 32 the header is DenseNet-121;
+    its logits go to cross-entropy directly.
     """
 
     def __init__(self, dim: int, blocks: tuple[int, ...], growth: int):
