@@ -4,7 +4,8 @@ A probe is a logistic regression on a report's mean-pooled token states (padding
 chooses ``ModelConfig.text_layers`` without touching a test fold: :func:`layer_probe` fits each
 layer's probe on the inner training part of every cross-validation fold and scores it on that
 fold's inner validation split only (:func:`ichpro.train.split_folds`, the same splits that select
-the models' checkpoints).
+the models' checkpoints). :func:`probe_table` adds each layer's out-of-fold AUC, the probe
+cross-validated on the test folds, to compare with the models (never used for a choice).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from transformers import BertModel
 
-from ichpro.metrics import classification_metrics
+from ichpro.metrics import classification_metrics, metrics_table
 
 
 @torch.no_grad()
@@ -55,3 +56,24 @@ def layer_probe(pooled: np.ndarray, labels: np.ndarray, folds: Sequence) -> pd.D
         rows.append({"layer": layer, "inner_val_auc": float(np.mean(aucs)),
                      "inner_val_auc_sd": float(np.std(aucs))})
     return pd.DataFrame(rows).set_index("layer")
+
+
+def out_of_fold_probe(features: np.ndarray, labels: np.ndarray, folds: Sequence) -> np.ndarray:
+    """Out-of-fold P(bad) of a probe on one layer's features (N, H): each test fold predicted by a
+    probe fitted on all its other patients (the fold's training and inner validation patients)."""
+    p = np.full(len(labels), np.nan)
+    for fold in folds:
+        rest = np.setdiff1d(np.arange(len(labels)), fold.test)
+        p[fold.test] = probe().fit(features[rest], labels[rest]).predict_proba(features[fold.test])[:, 1]
+    return p
+
+
+def probe_table(pooled: np.ndarray, labels: np.ndarray, folds: Sequence, n_boot: int = 1000,
+                seed: int = 0) -> pd.DataFrame:
+    """:func:`layer_probe` with each layer's out-of-fold AUC and its 95 % bootstrap CI
+    (``out_of_fold_auc``, ``out_of_fold_auc_ci_low``, ``out_of_fold_auc_ci_high``)."""
+    table = layer_probe(pooled, labels, folds)
+    scores = pd.DataFrame([metrics_table(labels, out_of_fold_probe(features, labels, folds), n_boot, seed,
+                                         metrics=("auc",)).iloc[0] for features in pooled], index=table.index)
+    return table.assign(out_of_fold_auc=scores["value"], out_of_fold_auc_ci_low=scores["ci_low"],
+                        out_of_fold_auc_ci_high=scores["ci_high"])
