@@ -92,7 +92,7 @@ def test_the_example_figure_titles_each_map_with_its_ratio():
     shown = pd.DataFrame({"patient_id": ["P1"], "label": [1], "p_bad": [0.9]})
     fig = plot_examples({"P1": patient}, shown, "examples")
     titles = [ax.get_title() for ax in fig.axes[:3]]
-    assert titles[0].startswith("P1 · bad outcome") and titles[1] == "CMAF text→vision\nratio 1.00"
+    assert titles[0].startswith("P1 · bad outcome") and titles[1] == "stage 1 CMAF: text → vision\nratio 1.00"
     assert titles[2].startswith("Grad-CAM (bad)\nratio ") and float(titles[2].split()[-1]) > 5
     assert fig.axes[-1].get_ylabel() == "map ÷ its mean over the brain (1 = uniform; log scale)"
     plt.close(fig)
@@ -134,7 +134,7 @@ def _localisation():
 def test_localisation_readings_are_written_from_the_numbers():
     table, summary = _localisation()
     said = "\n".join(localisation_readings(summary, table))
-    assert "CMAF text→vision (stage1_cmaf_text_to_vision): mean ratio 1.01 (median 1.01, 50% of" in said
+    assert "stage 1 CMAF: text → vision (stage1_cmaf_text_to_vision): mean ratio 1.01 (median 1.01, 50% of" in said
     assert "Grad-CAM (bad) good 6.00, bad 2.00" in said
     assert "most mass on the haematoma is stage1_cmaf_text_to_vision: 1.01 times uniform on average, " \
            "against 4.00 for Grad-CAM" in said
@@ -147,7 +147,7 @@ def test_localisation_figure_labels_its_axes():
     fig = plot_localisation(table, summary, "two patients")
     ratios, pointing = fig.axes
     assert ratios.get_yscale() == "log" and ratios.get_ylabel() == "mass inside / volume share (log)"
-    assert [t.get_text() for t in pointing.get_xticklabels()] == ["CMAF text→vision", "Grad-CAM (bad)"]
+    assert [t.get_text() for t in pointing.get_xticklabels()] == ["stage 1 CMAF: text → vision", "Grad-CAM (bad)"]
     assert pointing.get_ylabel() == "share of patients"
     plt.close(fig)
 

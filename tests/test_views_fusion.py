@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
-from ichpro.config import FUSION_STRUCTURES, PAPER_WINDOW, get_profile
+from ichpro.config import FUSION_STRUCTURES, get_profile
 from ichpro.errors import IchproError
 from ichpro.models import build_model
 from ichpro.models.fusion import TRT
@@ -18,7 +18,6 @@ from ichpro.views.fusion import (
     DENSE_HEADER,
     attention_map_label,
     block_parameters,
-    blood_slice,
     fusion_structure_table,
     padding_attention,
     parameter_counts,
@@ -125,14 +124,6 @@ def test_attention_map_labels_read_every_structure(tiny):
     for structure in FUSION_STRUCTURES:
         for name in smoke_model(tiny, fusion=structure).fusion.map_grids:
             assert "_" not in attention_map_label(name)
-
-
-def test_blood_slice_finds_the_slice_with_most_blood_density_voxels():
-    ct = torch.zeros(4, 8, 8)
-    blood = (70 - PAPER_WINDOW[0]) / (PAPER_WINDOW[1] - PAPER_WINDOW[0])  # 70 HU, windowed
-    ct[1, :2, :2], ct[2, :3, :3] = blood, blood
-    ct[3] = 1.0  # bone: not blood
-    assert blood_slice(ct) == 2
 
 
 def test_attention_volume_plot_uses_a_fixed_scale_centred_on_uniform(tiny):

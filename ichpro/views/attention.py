@@ -21,10 +21,8 @@ from ichpro.explain import GRAD_CAM, attention_in_mask, brain_of, patient_volume
 from ichpro.predict import TrainedRun
 from ichpro.pretrain import pretrained_path
 from ichpro.reports import field_status
+from ichpro.views.fusion import attention_map_label
 
-#: short names of the maps for titles and axes
-SHORT = {"stage1_cmaf_text_to_vision": "CMAF text→vision", "stage1_cmaf_vision_to_text": "CMAF vision→text",
-         "stage2_mhsaf_self": "MHSAF self", GRAD_CAM: "Grad-CAM (bad)"}
 #: the log scale every map is shown on, relative to uniform (and the counterfactual's after ÷ before)
 RATIO_RANGE = (0.25, 4.0)
 RATIO_TICKS = {0.25: "≤ 0.25", 0.5: "0.5", 1: "1", 2: "2", 4: "≥ 4"}
@@ -34,8 +32,8 @@ FIELD_NAMES = {"gcs": "GCS"}  # report fields as a title names them (others: as 
 
 
 def short(method: str) -> str:
-    """The short display name of a map."""
-    return SHORT.get(method, method)
+    """The display name of a map: an attention map's stage, block and direction, or Grad-CAM's."""
+    return "Grad-CAM (bad)" if method == GRAD_CAM else attention_map_label(method)
 
 
 @dataclass

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ichpro.config import FUSION_STRUCTURES, PAPER_WINDOW, LossConfig, ModelConfig, get_profile
+from ichpro.data import windowed
 from ichpro.errors import IchproError
 from ichpro.image_report import BLOOD_HU
 from ichpro.models import ModelOutput, build_model
@@ -23,6 +24,7 @@ from ichpro.models.encoders import VisionEncoder
 from ichpro.models.fusion import TRT, VRT, FusionStack
 from ichpro.models.heads import SequenceHeader
 from ichpro.text import TINY_SIZES
+from ichpro.views.preprocessing import blood_slice
 from ichpro.views.source import qualified_name
 
 #: hidden size H of the named text encoders (BioClinicalBERT is a BERT-base: 768)
@@ -124,18 +126,12 @@ def attention_map_label(name: str) -> str:
     return f"stage {stage.removeprefix('stage')} {_KINDS[kind]}: {_KEYS[key]}"
 
 
-def blood_slice(ct: torch.Tensor, window: tuple[float, float] = PAPER_WINDOW) -> int:
-    """The slice of a windowed CT (D, H, W) in [0, 1] holding the most voxels of blood density."""
-    lo, hi = ((hu - window[0]) / (window[1] - window[0]) for hu in BLOOD_HU)
-    return int(((ct >= lo) & (ct <= hi)).sum(dim=(1, 2)).argmax())
-
-
 def plot_attention_volumes(out: ModelOutput, ct: torch.Tensor, patient: int, title: str,
                            window: tuple[float, float] = PAPER_WINDOW) -> plt.Figure:
     """One axial slice of the CT (B, 1, D, H, W) and every attention map of ``out`` on it, as the
     ratio to a uniform map on a fixed scale 0-2 centred on 1 (uniform)."""
     volume = ct[patient, 0]
-    k, names = blood_slice(volume, window), list(out.attentions)
+    k, names = blood_slice(volume, tuple(windowed(BLOOD_HU, window)), axis=0), list(out.attentions)
     shown_slice = volume[k].detach().numpy()
     fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.3 * (len(names) + 1), 3.6))
     axes[0].imshow(shown_slice, cmap="gray", vmin=0, vmax=0.25)
