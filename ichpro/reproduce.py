@@ -15,15 +15,13 @@ import numpy as np
 import pandas as pd
 from monai.utils import set_determinism
 
-from ichpro.cohort import ensure_cohort
+from ichpro.cohort import ensure_cohort, load_spec
 from ichpro.config import REPO_ROOT, Profile, cache_root, get_profile
 from ichpro.errors import IchproError
 from ichpro.pretrain import ensure_pretrained, pretrained_ready
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 RUNS_DIR = REPO_ROOT / "runs"
-#: where ``make reproduce`` keeps the executed cpu notebooks (committed, to read without running)
-EXECUTED_DIR = REPO_ROOT / "figures" / "notebooks"
 TIMINGS_FILE = "timings.csv"
 SETUP_ROW = "set-up: cohort and pretraining"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in kernel tracebacks
@@ -69,9 +67,7 @@ def setup_notebook(profile: str = "cpu", data_dir: str = "", output_dir: str = "
     figs.mkdir(parents=True, exist_ok=True)
     set_determinism(seed)
     if not (data / "manifest.csv").is_file() or not pretrained_ready(prof):
-        print(f"first run of the {prof.name} profile on this machine: making its cohort and pretrained "
-              f"vision encoder once (the {prof.name} reference run's set-up time: "
-              f"{reference_setup_minutes(prof.name)})", flush=True)
+        print(first_run_plan(prof), flush=True)
     ensure_cohort(prof.cohort, data)
     ensure_pretrained(prof)
     return RunContext(prof, data, out, figs, seed)
@@ -88,13 +84,15 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning, module="monai")
 
 
-def reference_setup_minutes(profile: str) -> str:
-    """The set-up time of the profile's committed reference run, read from its timings file."""
-    timings = EXECUTED_DIR / TIMINGS_FILE
-    if profile != "cpu" or not timings.is_file():
-        return "not measured"
-    table = pd.read_csv(timings).set_index("notebook")["seconds"]
-    return f"{table.get(SETUP_ROW, float('nan')) / 60:.0f} min on 2 cores"
+def first_run_plan(profile: Profile) -> str:
+    """What a profile's first run on a machine makes once (the progress bars below it show the time left)."""
+    cohort = load_spec(profile.cohort)
+    steps = [f"the {cohort.name} cohort ({cohort.n_patients} patients)"]
+    if profile.pretrain is not None and profile.model.vision_weights is None:
+        steps.append(f"a pretrained vision encoder ({profile.pretrain.n_patients} synthetic CTs, "
+                     f"{profile.pretrain.epochs} epochs)")
+    return (f"first run of the {profile.name} profile on this machine: making {' and '.join(steps)} once, "
+            "into the cache; later runs reuse them. Progress bars show the time left.")
 
 
 def select_notebooks(only: list[str] | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> list[Path]:

@@ -11,8 +11,16 @@ import nbformat
 import pandas as pd
 import pytest
 
+from ichpro.config import get_profile
 from ichpro.errors import IchproError
-from ichpro.reproduce import NOTEBOOK_DIR, SETUP_ROW, notebook_relative, run_notebooks, select_notebooks
+from ichpro.reproduce import (
+    NOTEBOOK_DIR,
+    SETUP_ROW,
+    first_run_plan,
+    notebook_relative,
+    run_notebooks,
+    select_notebooks,
+)
 
 NOTEBOOKS = select_notebooks()
 PARAMETERS = ("profile", "data_dir", "output_dir", "figures_dir", "seed", "device")
@@ -21,7 +29,8 @@ EXPECTED_FIGURES = {
     "01": ("cohort_distributions.png", "cohort_calibration.png", "cohort_calibration.csv",
            "cohort_ct_examples.png", "oracle_auc.csv", "oracle_roc.png"),
     "02": ("preprocessing_steps.png", "preprocessing_windows.png"),
-    "03": ("encoders_vision_features.png", "encoders_pretraining.png", "encoders_pretrained_features.png"),
+    "03": ("encoders_vision_features.png", "encoders_pretraining.png", "encoders_pretraining_card.md",
+           "encoders_pretrained_features.png"),
     "04": ("fusion_attention_untrained.png", "fusion_parameter_counts.csv"),
     "05": ("vtmf_temperature.png", "vtmf_gradients.png"),
     "06": ("training_curves.png", "training_roc.png", "training_calibration_confusion.png",
@@ -179,3 +188,9 @@ def test_executed_copies_and_timings_go_to_the_chosen_folder(smoke_cohort, tmp_p
     timings = pd.read_csv(tmp_path / "executed" / "timings.csv")
     assert list(timings["notebook"]) == [SETUP_ROW, "00_overview.ipynb"] == list(table["notebook"])
     assert (timings["seconds"] >= 0).all()
+
+
+def test_the_first_run_says_what_it_makes():
+    plan = first_run_plan(get_profile("cpu"))
+    assert "480 patients" in plan and "200 synthetic CTs, 10 epochs" in plan
+    assert "pretrained" not in first_run_plan(get_profile("paper"))  # the paper profile brings its weights

@@ -134,7 +134,8 @@ def _localisation():
 def test_localisation_readings_are_written_from_the_numbers():
     table, summary = _localisation()
     said = "\n".join(localisation_readings(summary, table))
-    assert "stage 1 CMAF: text → vision (stage1_cmaf_text_to_vision): mean ratio 1.01 (median 1.01, 50% of" in said
+    assert ("stage 1 CMAF: text → vision (stage1_cmaf_text_to_vision): mean ratio 1.01 (median 1.01, "
+            "50% of") in said
     assert "Grad-CAM (bad) good 6.00, bad 2.00" in said
     assert "most mass on the haematoma is stage1_cmaf_text_to_vision: 1.01 times uniform on average, " \
            "against 4.00 for Grad-CAM" in said
@@ -147,7 +148,8 @@ def test_localisation_figure_labels_its_axes():
     fig = plot_localisation(table, summary, "two patients")
     ratios, pointing = fig.axes
     assert ratios.get_yscale() == "log" and ratios.get_ylabel() == "mass inside / volume share (log)"
-    assert [t.get_text() for t in pointing.get_xticklabels()] == ["stage 1 CMAF: text → vision", "Grad-CAM (bad)"]
+    labels = [t.get_text() for t in pointing.get_xticklabels()]
+    assert labels == ["stage 1 CMAF: text → vision", "Grad-CAM (bad)"]
     assert pointing.get_ylabel() == "share of patients"
     plt.close(fig)
 
