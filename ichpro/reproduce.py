@@ -42,11 +42,15 @@ class RunContext:
         return self.figures_dir / name
 
     def describe(self) -> str:
-        """One line on where this run reads and writes (repository-relative where inside it)."""
-        def shown(path: Path) -> str:
-            return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
-        return (f"profile {self.profile.name}, cohort {shown(self.data_dir)}, "
-                f"figures -> {shown(self.figures_dir)}")
+        """One line on where this run reads and writes."""
+        return (f"profile {self.profile.name}, cohort {self.shown(self.data_dir)}, "
+                f"figures -> {self.shown(self.figures_dir)}")
+
+    @staticmethod
+    def shown(path: Path) -> str:
+        """A path as printed: repository-relative inside the repository, so outputs name no machine."""
+        path = Path(path).resolve()
+        return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
 
     @property
     def cache_dir(self) -> Path:
@@ -147,9 +151,18 @@ def run_notebooks(profile: str, only: list[str] | None = None, data_dir: str = "
         print(f"[{ctx.profile.name}] {nb.name} done in {seconds:.1f} s", flush=True)
         timings.append({"notebook": nb.name, "seconds": round(seconds, 1)})
     table = pd.DataFrame(timings)
-    table.to_csv(executed / TIMINGS_FILE, index=False)
+    _record_timings(table, executed / TIMINGS_FILE)
     print(f"total {np.sum(table['seconds']):.1f} s", flush=True)
     return table
+
+
+def _record_timings(table: pd.DataFrame, path: Path) -> None:
+    """Write the run's timings, keeping the earlier rows of notebooks this run did not execute."""
+    if path.is_file():
+        earlier = pd.read_csv(path)
+        table = pd.concat([earlier[~earlier["notebook"].isin(table["notebook"])], table])
+        table = table.sort_values("notebook", key=lambda names: names.ne(SETUP_ROW).astype(str) + names)
+    table.to_csv(path, index=False)
 
 
 def notebook_relative(path: Path, notebook_dir: Path) -> str:

@@ -20,6 +20,7 @@ from ichpro.reproduce import (
     notebook_relative,
     run_notebooks,
     select_notebooks,
+    setup_notebook,
 )
 
 NOTEBOOKS = select_notebooks()
@@ -194,3 +195,21 @@ def test_the_first_run_says_what_it_makes():
     plan = first_run_plan(get_profile("cpu"))
     assert "480 patients" in plan and "200 synthetic CTs, 10 epochs" in plan
     assert "pretrained" not in first_run_plan(get_profile("paper"))  # the paper profile brings its weights
+
+
+def test_a_partial_run_keeps_the_other_notebooks_timings(smoke_cohort, tmp_path):
+    executed = tmp_path / "executed"
+    executed.mkdir()
+    pd.DataFrame({"notebook": [SETUP_ROW, "00_overview.ipynb", "99_other.ipynb"], "seconds": [1.0, 2.0, 3.0]}
+                 ).to_csv(executed / "timings.csv", index=False)
+    run_notebooks("smoke", only=["00"], data_dir=str(smoke_cohort), output_dir=str(tmp_path / "run"),
+                  executed_dir=str(executed))
+    timings = pd.read_csv(executed / "timings.csv").set_index("notebook")["seconds"]
+    assert list(timings.index) == [SETUP_ROW, "00_overview.ipynb", "99_other.ipynb"]
+    assert timings["99_other.ipynb"] == 3.0 and timings["00_overview.ipynb"] != 2.0
+
+
+def test_printed_paths_name_no_machine(tmp_path):
+    ctx = setup_notebook("smoke", figures_dir=str(tmp_path))
+    assert ctx.describe().startswith("profile smoke, cohort data_synthetic/smoke, figures -> /")
+    assert ctx.shown(NOTEBOOK_DIR / "x.ipynb") == "notebooks/x.ipynb"
