@@ -11,6 +11,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import nbformat
 import numpy as np
 import pandas as pd
 from monai.utils import set_determinism
@@ -24,6 +25,9 @@ NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 RUNS_DIR = REPO_ROOT / "runs"
 TIMINGS_FILE = "timings.csv"
 SETUP_ROW = "set-up: cohort and pretraining"
+#: notebook metadata the kernel rewrites on every run (its Python version): never part of a source
+#: notebook (the git filter of ``make setup`` strips the same key)
+VOLATILE_METADATA = ["metadata.language_info"]
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in kernel tracebacks
 
 
@@ -163,6 +167,21 @@ def _record_timings(table: pd.DataFrame, path: Path) -> None:
         table = pd.concat([earlier[~earlier["notebook"].isin(table["notebook"])], table])
         table = table.sort_values("notebook", key=lambda names: names.ne(SETUP_ROW).astype(str) + names)
     table.to_csv(path, index=False)
+
+
+def strip_source_notebook(model: dict, path: str, contents_manager, **kwargs) -> None:
+    """Jupyter pre-save hook (installed by ``make setup``): a source notebook in ``notebooks/`` is saved
+    without outputs, execution counts or the kernel's version, as git would commit it, so that running
+    it in JupyterLab leaves ``git status`` clean. Its outputs stay on screen until the tab is closed;
+    the executed reference notebooks in ``figures/notebooks/`` are saved as they are."""
+    from nbstripout import strip_output
+
+    target = (Path(contents_manager.root_dir) / path).resolve()
+    if model.get("type") != "notebook" or target.parent != NOTEBOOK_DIR.resolve():
+        return
+    notebook = nbformat.from_dict(model["content"])
+    model["content"] = strip_output(notebook, keep_output=False, keep_count=False, keep_id=True,
+                                    extra_keys=VOLATILE_METADATA)
 
 
 def notebook_relative(path: Path, notebook_dir: Path) -> str:

@@ -21,6 +21,7 @@ from ichpro.reproduce import (
     run_notebooks,
     select_notebooks,
     setup_notebook,
+    strip_source_notebook,
 )
 
 NOTEBOOKS = select_notebooks()
@@ -213,3 +214,30 @@ def test_printed_paths_name_no_machine(tmp_path):
     ctx = setup_notebook("smoke", figures_dir=str(tmp_path))
     assert ctx.describe().startswith("profile smoke, cohort data_synthetic/smoke, figures -> /")
     assert ctx.shown(NOTEBOOK_DIR / "x.ipynb") == "notebooks/x.ipynb"
+
+
+class _ContentsManager:
+    root_dir = str(NOTEBOOK_DIR.parent)
+
+
+def _as_jupyterlab_saves_it(notebook) -> dict:
+    """The save request of a source notebook after a run: outputs, counts and the kernel's version."""
+    nb = nbformat.read(notebook, as_version=4)
+    nb.metadata["language_info"] = {"name": "python", "version": "3.11.7"}
+    for i, cell in enumerate(c for c in nb.cells if c.cell_type == "code"):
+        cell.execution_count = i + 1
+        cell.outputs = [nbformat.v4.new_output("stream", text="ran\n")]
+    return {"type": "notebook", "content": json.loads(nbformat.writes(nb))}
+
+
+def test_jupyterlab_saves_a_source_notebook_as_it_is_committed():
+    notebook = NOTEBOOKS[0]
+    model = _as_jupyterlab_saves_it(notebook)
+    strip_source_notebook(model, f"notebooks/{notebook.name}", _ContentsManager())
+    assert nbformat.writes(nbformat.from_dict(model["content"])) + "\n" == committed_text(notebook)
+
+
+def test_jupyterlab_keeps_the_outputs_of_other_notebooks():
+    model = _as_jupyterlab_saves_it(NOTEBOOKS[0])
+    strip_source_notebook(model, f"figures/notebooks/{NOTEBOOKS[0].name}", _ContentsManager())
+    assert any(c.get("outputs") for c in model["content"]["cells"])
