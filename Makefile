@@ -21,11 +21,11 @@ setup: $(STAMP) notebook-filter
 # Source notebooks reach git without outputs, execution counts or the kernel's version
 # (ichpro.reproduce.VOLATILE_METADATA): JupyterLab saves them so (a pre-save hook), and a git filter
 # from nbstripout strips whatever another editor saved (.gitattributes applies it to notebooks/ only).
-JUPYTER_HOOK := $(VENV)/etc/jupyter/jupyter_server_config.d/ichpro.json
+JUPYTER_HOOK := $(VENV)/etc/jupyter/jupyter_server_config.json
 
 notebook-filter: $(STAMP)
 	@mkdir -p $(dir $(JUPYTER_HOOK))
-	@echo '{"ContentsManager": {"pre_save_hook": "ichpro.reproduce.strip_source_notebook"}}' > $(JUPYTER_HOOK)
+	@echo '{"FileContentsManager": {"pre_save_hook": "ichpro.reproduce.strip_source_notebook"}}' > $(JUPYTER_HOOK)
 	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
 	  git config filter.nbstripout.clean "'$(CURDIR)/$(BIN)/python' -m nbstripout --keep-id"; \
 	  git config filter.nbstripout.smudge cat; \
