@@ -253,20 +253,18 @@ def maps_in_mask(maps: Mapping[str, np.ndarray | torch.Tensor], cts: torch.Tenso
     return pd.DataFrame.from_records(records)
 
 
-def localisation_baselines(manifest: pd.DataFrame, patient_ids: Sequence[str], preprocess: PreprocessConfig,
-                           grids: Mapping[str, Sequence[int]], size: Sequence[int] | None = None
-                           ) -> pd.DataFrame:
+def localisation_baselines(cts: torch.Tensor, blood_share: torch.Tensor, patient_ids: Sequence[str],
+                           grids: Mapping[str, Sequence[int]]) -> pd.DataFrame:
     """What each method's map of each patient is read against, one row per (patient_id, method):
     :func:`pointing_chance` and the :func:`grid_ceiling` of the grid ``grids[method]`` the map is
-    made on (:func:`map_grids`), on the model grid of :func:`patient_volumes` (one patient at a time)."""
-    rows = manifest.set_index(manifest["patient_id"].astype(str), drop=False)
+    made on (:func:`map_grids`), on the grid of the CTs (B, 1, D, H, W) and haematoma shares
+    (B, D, H, W) of :func:`patients_on_grid`."""
     records = []
-    for pid in patient_ids:
-        ct, blood = patient_volumes(rows.loc[str(pid)], preprocess, size)
+    for ct, share, pid in zip(cts, blood_share, patient_ids):
         brain = brain_of(ct[0])
-        chance = pointing_chance(blood[0], brain)
+        chance = pointing_chance(share, brain)
         records += [{"patient_id": pid, "method": method, "pointing_chance": chance,
-                     "grid_ceiling": grid_ceiling(blood[0], brain, grid)} for method, grid in grids.items()]
+                     "grid_ceiling": grid_ceiling(share, brain, grid)} for method, grid in grids.items()]
     return pd.DataFrame.from_records(records)
 
 

@@ -46,8 +46,7 @@ class _BadOutcome(nn.Module):
         self.features = nn.Identity()
 
     def forward(self, grid: torch.Tensor, **batch: torch.Tensor) -> torch.Tensor:
-        layer = self.model.get_submodule(self.model.gradcam_layer)
-        hook = layer.register_forward_hook(
+        hook = _layer(self.model).register_forward_hook(
             lambda _module, _inputs, output: self.features(output.detach().requires_grad_(True)))
         try:
             return self.model(batch).logits
@@ -92,7 +91,7 @@ def grad_cam(model: PrognosisModel, batch: Mapping[str, torch.Tensor],
     it lies in [0, 1] and keeps its zero. The batch must make the model run that layer (ICHPro: the
     ``ct``, not its features).
     """
-    _layer(model)
+    _layer(model)  # a model without a Grad-CAM layer fails here, with a clear error
     size = tuple(batch["ct"].shape[2:]) if size is None else tuple(size)
     grid = torch.zeros(len(next(iter(batch.values()))), 1, *size)
     with explaining(model):

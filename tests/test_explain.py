@@ -332,7 +332,7 @@ def test_maps_in_mask_and_baselines_score_each_map_of_each_patient(manifest):
     np.testing.assert_allclose(found.loc[found["method"] == "uniform", "ratio"], 1.0)
     assert found.loc[found["method"] == "on the blood", "pointing_hit"].all()
     grids = {"coarse": (1, 1, 1), "fine": SIZE}
-    base = explain.localisation_baselines(manifest, ids, SMOKE.preprocess, grids)
+    base = explain.localisation_baselines(ct, blood[:, 0], ids, grids)
     assert list(base.columns) == ["patient_id", "method", "pointing_chance", "grid_ceiling"]
     assert len(base) == 4
     coarse, fine = base[base["method"] == "coarse"], base[base["method"] == "fine"]
