@@ -274,7 +274,7 @@ def plot_localisation(table: pd.DataFrame, summary: pd.DataFrame, title: str) ->
                      label="mean" if i == 0 else None)
         axes[0].plot([i - 0.4, i + 0.4], [summary.loc[method, "grid_ceiling"]] * 2, color="grey",
                      lw=1.5, ls=":", label="grid ceiling (median)" if i == 0 else None)
-    axes[0].set_xticks(range(len(order)), labels, fontsize=8)
+    axes[0].set_xticks(range(len(order)), labels, fontsize=8, rotation=20, ha="right")
     axes[0].set(xlabel="", ylabel="mass inside / volume share (log)",
                 title="map mass on the haematoma, per patient")
     axes[0].legend(fontsize=7, loc="upper left")
@@ -284,7 +284,7 @@ def plot_localisation(table: pd.DataFrame, summary: pd.DataFrame, title: str) ->
                      label="hit rate (95 % CI)")
     axes[1].scatter(range(len(order)), summary["pointing_chance"], marker="_", s=300, color="grey",
                     label="chance (random peak in the brain)")
-    axes[1].set_xticks(range(len(order)), labels, fontsize=8)
+    axes[1].set_xticks(range(len(order)), labels, fontsize=8, rotation=20, ha="right")
     axes[1].set(ylim=(-0.03, 1.03), ylabel="share of patients", title="pointing game")
     axes[1].legend(fontsize=7, loc="upper left")
     fig.suptitle(title, fontsize=10)
