@@ -35,9 +35,9 @@ def make_step(net: PretrainNet, batch: int, size: tuple[int, int, int]):
     blood = torch.zeros(batch, 2, *size)
     d, h, w = size
     blood[:, 0, d // 4:d // 2, h // 4:h // 2, w // 4:w // 2] = 1
-    volume = torch.full((batch,), 20.0)
-
-    return common.adam_step(lambda: pretrain_loss(*net(ct), blood, volume, 0.5)[0], optimizer)
+    target = {"blood": blood, "volume_ml": torch.full((batch,), 20.0), "ivh": torch.ones(batch),
+              "midline_shift_mm": torch.full((batch,), 2.0), "location": torch.zeros(batch, dtype=torch.long)}
+    return common.adam_step(lambda: pretrain_loss(net(ct), target, 0.5, 0.5)[0], optimizer)
 
 
 def main(argv: list[str] | None = None) -> None:

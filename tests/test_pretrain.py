@@ -1,5 +1,6 @@
 """Vision pretraining: loss values, the card, weights that reload, resume, and the profile wiring."""
 
+import math
 from dataclasses import replace
 
 import pandas as pd
@@ -40,11 +41,25 @@ def test_loss_is_small_for_a_perfect_prediction_and_large_for_a_wrong_one():
     blood[0, 0, 1:3, 1:3, 1:3] = 1
     volume_ml = torch.tensor([7.0])
     right = torch.where(blood > 0, 20.0, -20.0)
-    total, terms = pretrain_loss(right, torch.log1p(volume_ml), blood, volume_ml, volume_weight=1.0)
+    target = {"blood": blood, "volume_ml": volume_ml}
+    total, terms = pretrain_loss({"blood": right, "volume": torch.log1p(volume_ml)}, target, volume_weight=1.0)
     # channel 1 is empty and predicted empty: its Dice term is (0 + 1) / (0 + 0 + 1) -> loss 0
     assert total.item() == pytest.approx(0.0, abs=1e-6) and terms["volume_mse"] == pytest.approx(0.0)
-    wrong, _ = pretrain_loss(-right, torch.log1p(volume_ml) + 2, blood, volume_ml, volume_weight=1.0)
+    wrong, _ = pretrain_loss({"blood": -right, "volume": torch.log1p(volume_ml) + 2}, target, volume_weight=1.0)
     assert wrong.item() > 4 + 0.5  # MSE 4, plus Dice and BCE of a fully wrong map
+
+
+def test_findings_term_equals_its_hand_computed_value():
+    blood = torch.zeros(1, 2, 4, 4, 4)
+    out = {"blood": torch.full_like(blood, -30.0), "volume": torch.zeros(1), "ivh": torch.zeros(1),
+           "midline_shift": torch.log1p(torch.tensor([3.0])) + 0.5, "location": torch.zeros(1, 4)}
+    target = {"blood": blood, "volume_ml": torch.zeros(1), "ivh": torch.ones(1),
+              "midline_shift_mm": torch.tensor([3.0]), "location": torch.tensor([2])}
+    total, terms = pretrain_loss(out, target, volume_weight=1.0, radiology_weight=0.5)
+    # BCE of logit 0 is log 2, the shift is 0.5 off on the log1p scale, the location logits are uniform
+    expected = math.log(2) + 0.25 + math.log(4)
+    assert terms["findings"] == pytest.approx(expected, rel=1e-5)
+    assert total.item() == pytest.approx(0.5 * expected, abs=1e-4)  # empty blood predicted empty: ~0
 
 
 def test_pretraining_writes_a_card_and_weights_that_reload(small_cohort, tmp_path):
@@ -86,9 +101,22 @@ def test_profiles_point_at_their_pretrained_encoder():
 
 def test_segmentation_head_output_matches_the_input_size_and_starts_at_the_blood_prior():
     net = PretrainNet(SMOKE).eval()
-    logits, volume = net(torch.rand(2, 1, *SMOKE.preprocess.spatial_size))
-    assert logits.shape == (2, 2, *SMOKE.preprocess.spatial_size) and volume.shape == (2,)
-    assert 0.005 < logits.sigmoid().mean() < 0.05  # blood is rare: the head starts near its prior
+    out = net(torch.rand(2, 1, *SMOKE.preprocess.spatial_size))
+    assert out["blood"].shape == (2, 2, *SMOKE.preprocess.spatial_size) and out["volume"].shape == (2,)
+    assert 0.005 < out["blood"].sigmoid().mean() < 0.05  # blood is rare: the head starts near its prior
+    no_findings = replace(SMOKE, pretrain=replace(SMOKE.pretrain, radiology_weight=0.0))
+    assert "location" not in PretrainNet(no_findings)(torch.rand(1, 1, *SMOKE.preprocess.spatial_size))
+
+
+def test_findings_head_reads_ivh_shift_and_location_and_the_card_reports_them(small_cohort, tmp_path):
+    findings = replace(TINY, pretrain=replace(TINY.pretrain, radiology_weight=0.25))
+    out = PretrainNet(findings).eval()(torch.rand(2, 1, *SMOKE.preprocess.spatial_size))
+    assert out["ivh"].shape == out["midline_shift"].shape == (2,) and out["location"].shape == (2, 4)
+    card = pretrain_vision(findings, tmp_path, quiet=True, cohort=small_cohort)
+    held_out = card["held_out"]
+    assert 0 <= held_out["held_out_location_accuracy"] <= 1 and held_out["held_out_shift_mae_mm"] >= 0
+    assert "location accuracy" in (tmp_path / "card.md").read_text()
+    assert pretrained_path(findings) != pretrained_path(TINY)
 
 
 def test_the_kept_encoder_is_the_best_held_out_epoch(small_cohort, tmp_path):

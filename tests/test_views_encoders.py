@@ -38,13 +38,16 @@ def test_plot_feature_energy_shows_the_blood_slice_and_one_labelled_colour_scale
 
 
 def test_plot_pretraining_labels_each_held_out_measure_and_marks_the_kept_epoch():
-    history = [{"epoch": e, "held_out_loss": 3.0 - e, "held_out_dice": 0.1 * e,
+    history = [{"epoch": e, "held_out_loss": 3.0 - e, "held_out_dice": 0.1 * e, "held_out_hard_dice": 0.2 * e,
                 "held_out_volume_mae_ml": 10.0 / e} for e in (1, 2, 3)]
     fig = plot_pretraining({"history": history, "best_epoch": 2})
-    assert [ax.get_ylabel() for ax in fig.axes] == [label for _, label in PRETRAINING_PANELS.values()]
+    assert [ax.get_ylabel() for ax in fig.axes] == [label for _, label, _ in PRETRAINING_PANELS]
     assert all(ax.get_xlabel() == "epoch" for ax in fig.axes)
-    assert [ax.lines[1].get_xdata()[0] for ax in fig.axes] == [2, 2, 2]
+    assert [ax.lines[-1].get_xdata()[0] for ax in fig.axes] == [2, 2, 2]
+    assert [len(ax.lines) for ax in fig.axes] == [2, 3, 2]  # both Dice lines, each with the kept epoch
     assert "kept: epoch 2" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    older = [{k: v for k, v in h.items() if k != "held_out_hard_dice"} for h in history]
+    assert len(plot_pretraining({"history": older, "best_epoch": 2}).axes[1].lines) == 2
 
 
 def test_encoder_sizes_counts_the_encoders_a_profile_uses():

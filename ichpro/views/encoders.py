@@ -22,10 +22,12 @@ from ichpro.views.preprocessing import blood_slice
 
 #: Bio_ClinicalBERT's vocabulary: the size of the BERT-base the sizes table counts for it
 BIOCLINICALBERT_VOCAB = 28_996
-#: the held-out measures of a pretraining card's history: (panel title, axis label) by column
-PRETRAINING_PANELS = {"held_out_loss": ("loss: Dice loss + BCE + weighted volume MSE", "loss"),
-                      "held_out_dice": ("haematoma segmentation", "soft Dice"),
-                      "held_out_volume_mae_ml": ("haematoma volume", "mean absolute error (mL)")}
+#: the panels of a pretraining card's held-out history: (title, axis label, {column: line label})
+PRETRAINING_PANELS = [
+    ("loss: Dice loss + BCE + weighted volume MSE and findings", "loss", {"held_out_loss": "loss"}),
+    ("haematoma segmentation", "Dice", {"held_out_dice": "soft Dice", "held_out_hard_dice": "Dice (map > 0.5)"}),
+    ("haematoma volume", "mean absolute error (mL)", {"held_out_volume_mae_ml": "volume MAE"}),
+]
 
 
 def feature_energy(features: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -60,12 +62,14 @@ def plot_pretraining(card: dict) -> plt.Figure:
     """The held-out measures of a pretraining card (``card.json``) per epoch, with the kept epoch."""
     history = pd.DataFrame(card["history"]).set_index("epoch")
     fig, axes = plt.subplots(1, len(PRETRAINING_PANELS), figsize=(4 * len(PRETRAINING_PANELS), 3.2))
-    for ax, (column, (title, label)) in zip(axes, PRETRAINING_PANELS.items()):
-        ax.plot(history.index, history[column], marker="o", label="held-out patients")
+    for ax, (title, label, lines) in zip(axes, PRETRAINING_PANELS):
+        shown = {column: name for column, name in lines.items() if column in history}
+        for column, name in shown.items():
+            ax.plot(history.index, history[column], marker="o", label=name)
         ax.axvline(card["best_epoch"], color="grey", ls="--", lw=1, label=f"kept: epoch {card['best_epoch']}")
         ax.set(xlabel="epoch", ylabel=label, xticks=history.index)
         ax.set_title(title, fontsize=9)
-    axes[0].legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.suptitle("vision pretraining, measured on held-out patients", fontsize=10)
     fig.tight_layout()
     return fig
