@@ -40,7 +40,8 @@ from ichpro.paper import reported_tables
 from ichpro.plots import plot_table_auc, save_figure
 from ichpro.reports import drop_field
 from ichpro.runtime import resolve_device
-from ichpro.train import OOF_FILE, cross_validate, prepare_vision_weights, read_predictions
+from ichpro.train import (OOF_FILE, cross_validate, prepare_vision_weights, read_predictions,
+                          uses_pretrained_vision)
 
 TABLE_METRICS = ("accuracy", "recall", "precision", "f1", "auc")
 #: the oracle probability column of truth.csv that bounds a row, by the inputs the row sees
@@ -135,10 +136,13 @@ def table_rows(name: str) -> list[Row]:
 
 
 def row_profile(profile: Profile, row: Row) -> Profile:
-    """The profile a row trains: its model, loss and training changes applied."""
+    """The profile a row trains: its model, loss and training changes applied, and no vision
+    pretraining when its model does not read the pretrained encoder (so that a row's run folder, keyed
+    by this profile, does not change with a pretraining it never uses)."""
     loss = profile.loss if row.loss is None else replace(profile.loss, terms=parse_loss_spec(row.loss))
-    return replace(profile, model=replace(profile.model, **row.model), loss=loss,
-                   train=replace(profile.train, **row.train))
+    trained = replace(profile, model=replace(profile.model, **row.model), loss=loss,
+                      train=replace(profile.train, **row.train))
+    return trained if uses_pretrained_vision(trained) else replace(trained, pretrain=None)
 
 
 def row_manifest(manifest: pd.DataFrame, row: Row) -> pd.DataFrame:

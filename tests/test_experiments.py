@@ -75,6 +75,17 @@ def test_rows_change_what_they_say():
     assert len(references) == 1
 
 
+def test_only_rows_that_read_the_pretrained_encoder_are_keyed_by_its_pretraining():
+    other = replace(SMOKE, pretrain=replace(SMOKE.pretrain, epochs=SMOKE.pretrain.epochs + 1))
+    by_name = {r.name: r for _, rows in TABLES.values() for r in rows}
+    for name in ("Text only", "Small 3D CNN", "Logistic regression, clinical fields"):
+        assert row_profile(SMOKE, by_name[name]).pretrain is None
+        assert row_folder("out", SMOKE, by_name[name], 0) == row_folder("out", other, by_name[name], 0)
+    for name in ("Vision only", "Cross-Self (ICHPro)", "Concatenation late fusion"):
+        assert row_profile(SMOKE, by_name[name]).pretrain == SMOKE.pretrain
+        assert row_folder("out", SMOKE, by_name[name], 0) != row_folder("out", other, by_name[name], 0)
+
+
 def test_drop_stay_rows_see_reports_without_hospital_stay():
     manifest, _ = cohort()
     row = next(r for r in table_rows("table1_modalities") if r.drop_stay)
