@@ -1,0 +1,106 @@
+"""The profile's training choices measured on a *design cohort*: the profile's cohort spec drawn with
+another seed, so that no choice is made on the reference cohort's test folds (not a speed benchmark,
+and not run by ``run_all.py``: about 25 minutes on 2 cores for the cpu profile's three variants).
+
+    .venv/bin/python bench/design_cohort.py [--profile cpu] [--seed 2] [--variants earlier ...]
+
+Variants of the profile (``VARIANTS``):
+
+* ``earlier``: the vision pretraining before the image findings (batches of 8, 10 epochs, segmentation
+  and volume only) and training at lr 1e-3;
+* ``findings``: today's pretraining (batches of 4, 12 epochs, plus IVH, midline shift and location),
+  still at lr 1e-3;
+* ``configured``: the profile as it is (today's pretraining, lr 3e-4).
+
+For each: vision only's and ICHPro's out-of-fold AUC; ICHPro's inner-validation AUC per epoch (mean
+over the folds: the epoch at which it plateaus, which is what the learning rate was chosen on); and
+CMAF's text -> vision localisation on 40 patients (half per outcome; mass ratio, 1 = uniform, and
+pointing-game hit rate). Unlike the speed benchmarks it uses the real pretrained encoders, in the
+cache ``make reproduce`` fills (``--cache``), where each variant's pretraining has its own key.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import common
+import pandas as pd
+from sklearn.metrics import roc_auc_score
+
+from ichpro.cohort import ensure_cohort
+from ichpro.config import cache_root, get_profile
+from ichpro.experiments import row_folder, run_rows, table_rows
+from ichpro.explain import localisation_summary, localisation_table
+from ichpro.manifest import load_manifest
+from ichpro.predict import load_run
+
+VARIANTS = {
+    "earlier": {"pretrain": {"batch_size": 8, "epochs": 10, "radiology_weight": 0.0}, "train": {"lr": 1e-3}},
+    "findings": {"train": {"lr": 1e-3}},
+    "configured": {},
+}
+MAP = "stage1_cmaf_text_to_vision"
+
+
+def variant_profile(name: str, profile_name: str, quick: bool):
+    """The profile with the variant's pretraining and training changes (smaller under ``--quick``)."""
+    profile = get_profile(profile_name)
+    parts = VARIANTS[name]
+    pretrain = replace(profile.pretrain, **parts.get("pretrain", {}))
+    train = replace(profile.train, **parts.get("train", {}))
+    if quick:
+        pretrain = replace(pretrain, epochs=1)
+        train = replace(train, epochs=2)
+    return replace(profile, pretrain=pretrain, train=train)
+
+
+def inner_validation_curve(run_dir: Path) -> pd.Series:
+    """Mean inner-validation AUC over the folds, per epoch."""
+    return pd.read_csv(run_dir / "metrics.csv").groupby("epoch")["val_auc"].mean()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = common.make_parser(__doc__)
+    parser.add_argument("--profile", default="cpu", choices=["smoke", "cpu"])
+    parser.add_argument("--seed", type=int, default=2,
+                        help="the design cohort's seed (the reference one's: data_synthetic/<profile>.yaml)")
+    parser.add_argument("--patients", type=int, help="design cohort size (default: the profile's cohort's)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--out", default="runs/design", help="folder for the cohort and the runs")
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "ichpro"),
+                        help="the cache of pretrained encoders and features (default: make reproduce's)")
+    args = common.parse(parser, argv, quick={"profile": "smoke", "patients": 60,
+                                              "variants": ["findings"], "out": "runs/design-quick"})
+    os.environ["ICHPRO_CACHE"] = args.cache  # ichpro.config.cache_root() reads it at each call
+    out = Path(args.out) / args.profile
+    cohort = ensure_cohort(get_profile(args.profile).cohort, out / f"cohort-seed{args.seed}", seed=args.seed,
+                           n_patients=args.patients, progress=False)
+    manifest = load_manifest(cohort / "manifest.csv")
+    ids = [pid for label in (0, 1) for pid in manifest.loc[manifest["label"] == label, "patient_id"][:20]]
+    rows = [r for r in table_rows("table1_modalities") if r.name in ("Vision only", "ICHPro")]
+    table, curves = [], {}
+    for name in args.variants:
+        profile = variant_profile(name, args.profile, args.quick)
+        predictions = run_rows(rows, profile, manifest, out / name, quiet=True, cache_dir=cache_root())
+        ichpro_dir = row_folder(out / name, profile, rows[1], 0)
+        curves[name] = inner_validation_curve(ichpro_dir)
+        located = localisation_summary(localisation_table(load_run(ichpro_dir), cohort / "manifest.csv", ids))
+        table.append([name, *(roc_auc_score(p["label"], p["p_bad"]) for p in predictions.values()),
+                      curves[name].max(), int(curves[name].idxmax()), located.loc[MAP, "ratio"],
+                      located.loc[MAP, "pointing_hit"]])
+    common.print_table(
+        f"Design cohort: {args.profile} spec, seed {args.seed}, {len(manifest)} patients "
+        "(never the reference cohort)",
+        ["variant", "vision only AUC", "ICHPro AUC", "ICHPro inner-val AUC, best epoch mean", "at epoch",
+         "CMAF text->vision ratio", "pointing hit rate"], table,
+        [f"Variants: {', '.join(f'{k} = {v}' for k, v in VARIANTS.items() if k in args.variants)}.",
+         "Out-of-fold AUC over the design cohort; inner-validation AUC averaged over the 5 folds per epoch."])
+    epochs = curves[args.variants[-1]].index
+    common.print_table("ICHPro's mean inner-validation AUC per epoch", ["epoch", *curves],
+                       [[epoch, *(curves[n].get(epoch) for n in curves)] for epoch in epochs])
+
+
+if __name__ == "__main__":
+    main()
