@@ -193,8 +193,10 @@ def test_executed_copies_and_timings_go_to_the_chosen_folder(smoke_cohort, tmp_p
 
 
 def test_the_first_run_says_what_it_makes():
-    plan = first_run_plan(get_profile("cpu"))
-    assert "480 patients" in plan and "200 synthetic CTs, 10 epochs" in plan
+    profile = get_profile("cpu")
+    plan = first_run_plan(profile)
+    pretrain = f"{profile.pretrain.n_patients} synthetic CTs, {profile.pretrain.epochs} epochs"
+    assert "480 patients" in plan and pretrain in plan
     assert "pretrained" not in first_run_plan(get_profile("paper"))  # the paper profile brings its weights
 
 
