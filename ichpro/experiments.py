@@ -40,8 +40,13 @@ from ichpro.paper import reported_tables
 from ichpro.plots import plot_table_auc, save_figure
 from ichpro.reports import drop_field
 from ichpro.runtime import resolve_device
-from ichpro.train import (OOF_FILE, cross_validate, prepare_vision_weights, read_predictions,
-                          uses_pretrained_vision)
+from ichpro.train import (
+    OOF_FILE,
+    cross_validate,
+    prepare_vision_weights,
+    read_predictions,
+    uses_pretrained_vision,
+)
 
 TABLE_METRICS = ("accuracy", "recall", "precision", "f1", "auc")
 #: the oracle probability column of truth.csv that bounds a row, by the inputs the row sees

@@ -286,7 +286,8 @@ def evaluate(net: PretrainNet, data: dict[str, torch.Tensor], idx: np.ndarray, c
                  "held_out_volume_mae_ml": (torch.expm1(out["volume"]) - target["volume_ml"]).abs()}
         if "location" in out:
             found["held_out_ivh_accuracy"] = ((out["ivh"] > 0).float() == target["ivh"]).float()
-            found["held_out_shift_mae_mm"] = (torch.expm1(out["midline_shift"]) - target["midline_shift_mm"]).abs()
+            shift_mm = torch.expm1(out["midline_shift"])
+            found["held_out_shift_mae_mm"] = (shift_mm - target["midline_shift_mm"]).abs()
             found["held_out_location_accuracy"] = (out["location"].argmax(1) == target["location"]).float()
         for name, values in found.items():
             parts.setdefault(name, []).append(values)

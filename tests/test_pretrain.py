@@ -42,10 +42,12 @@ def test_loss_is_small_for_a_perfect_prediction_and_large_for_a_wrong_one():
     volume_ml = torch.tensor([7.0])
     right = torch.where(blood > 0, 20.0, -20.0)
     target = {"blood": blood, "volume_ml": volume_ml}
-    total, terms = pretrain_loss({"blood": right, "volume": torch.log1p(volume_ml)}, target, volume_weight=1.0)
+    total, terms = pretrain_loss({"blood": right, "volume": torch.log1p(volume_ml)}, target,
+                                 volume_weight=1.0)
     # channel 1 is empty and predicted empty: its Dice term is (0 + 1) / (0 + 0 + 1) -> loss 0
     assert total.item() == pytest.approx(0.0, abs=1e-6) and terms["volume_mse"] == pytest.approx(0.0)
-    wrong, _ = pretrain_loss({"blood": -right, "volume": torch.log1p(volume_ml) + 2}, target, volume_weight=1.0)
+    wrong, _ = pretrain_loss({"blood": -right, "volume": torch.log1p(volume_ml) + 2}, target,
+                             volume_weight=1.0)
     assert wrong.item() > 4 + 0.5  # MSE 4, plus Dice and BCE of a fully wrong map
 
 

@@ -25,7 +25,8 @@ BIOCLINICALBERT_VOCAB = 28_996
 #: the panels of a pretraining card's held-out history: (title, axis label, {column: line label})
 PRETRAINING_PANELS = [
     ("loss: Dice loss + BCE + weighted volume MSE and findings", "loss", {"held_out_loss": "loss"}),
-    ("haematoma segmentation", "Dice", {"held_out_dice": "soft Dice", "held_out_hard_dice": "Dice (map > 0.5)"}),
+    ("haematoma segmentation", "Dice",
+     {"held_out_dice": "soft Dice", "held_out_hard_dice": "Dice (map > 0.5)"}),
     ("haematoma volume", "mean absolute error (mL)", {"held_out_volume_mae_ml": "volume MAE"}),
 ]
 
