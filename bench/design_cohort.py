@@ -88,9 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.variants:
         profile = variant_profile(name, args.profile, args.quick)
         predictions = run_rows(rows, profile, manifest, out / name, quiet=True, cache_dir=cache_root())
-        curves = [inner_validation_curve(row_folder(out / name, profile, row, 0)) for row in rows]
-        ichpro_dir = row_folder(out / name, profile, rows[-1], 0)
-        located = localisation_summary(localisation_table(load_run(ichpro_dir), cohort / "manifest.csv", ids))
+        folders = [row_folder(out / name, profile, row, 0) for row in rows]
+        curves = [inner_validation_curve(folder) for folder in folders]
+        ichpro = load_run(folders[-1])  # rows end with ICHPro
+        located = localisation_summary(localisation_table(ichpro, cohort / "manifest.csv", ids))
         table.append([name, *(roc_auc_score(p["label"], p["p_bad"]) for p in predictions.values()),
                       *(f"{c.max():.3f} ({int(c.idxmax())})" for c in curves),
                       sum(c.max() for c in curves) / len(curves),
@@ -103,6 +104,7 @@ def main(argv: list[str] | None = None) -> None:
         [f"Variants: {', '.join(f'{k} = {v}' for k, v in VARIANTS.items() if k in args.variants)}.",
          "Out-of-fold AUC over the design cohort; inner-validation AUC averaged over the 5 folds per "
          "epoch, its best epoch in brackets."])
+
 
 if __name__ == "__main__":
     main()
