@@ -10,12 +10,17 @@ Variants of the profile (``VARIANTS``):
 * ``earlier``: the vision pretraining before the image findings (batches of 8, 10 epochs,
   segmentation and volume only);
 * ``lr3e-4``, ``lr3e-3``: the profile with another learning rate;
+* ``no-dropout``, ``dropout0.3``, ``dropout0.7``: the profile with another share of training samples
+  whose vision grid the fusion does not see (``ModelConfig.vision_dropout``);
 * ``configured``: the profile as it is.
 
 For each: the out-of-fold AUC of Table 1's text only, vision only and ICHPro; each row's best mean
 inner-validation AUC (over the 5 folds, per epoch) and the epoch it comes at, and the mean of the
-three, which is what the learning rate is chosen on; and CMAF's text -> vision localisation on 40
-patients (half per outcome; mass ratio, 1 = uniform, and pointing-game hit rate). Unlike the speed
+three, which is what the learning rate is chosen on (the vision dropout, which changes ICHPro alone,
+on ICHPro's); CMAF's text -> vision localisation on 40 patients (half per outcome; mass ratio, 1 =
+uniform, and pointing-game hit rate); and the counterfactual of notebook 11 on 24 good-outcome
+patients (GCS -> 5, age -> 85: ICHPro's mean change of P(bad), the oracle's, and how often their
+signs agree). Runs are keyed by their config, so variants share the rows they do not change. Unlike the speed
 benchmarks it uses the real pretrained encoders, in the cache ``make reproduce`` fills (``--cache``),
 where each variant's pretraining has its own key.
 """
@@ -33,31 +38,38 @@ from sklearn.metrics import roc_auc_score
 from ichpro.cohort import ensure_cohort
 from ichpro.config import cache_root, get_profile
 from ichpro.experiments import row_folder, run_rows, table_rows
-from ichpro.explain import localisation_summary, localisation_table
+from ichpro.explain import counterfactual_table, localisation_summary, localisation_table
 from ichpro.manifest import load_manifest
 from ichpro.predict import load_run
+from ichpro.train import OOF_FILE
+from ichpro.views.attention import counterfactual_summary, gives
 
 VARIANTS = {
     "earlier": {"pretrain": {"batch_size": 8, "epochs": 10, "radiology_weight": 0.0}},
     "lr3e-4": {"train": {"lr": 3e-4}},
     "configured": {},
     "lr3e-3": {"train": {"lr": 3e-3}},
+    "no-dropout": {"model": {"vision_dropout": 0.0}},
+    "dropout0.3": {"model": {"vision_dropout": 0.3}},
+    "dropout0.7": {"model": {"vision_dropout": 0.7}},
 }
-DEFAULT_VARIANTS = ["lr3e-4", "configured", "lr3e-3"]
+DEFAULT_VARIANTS = ["lr3e-4", "configured", "lr3e-3", "no-dropout", "dropout0.3", "dropout0.7"]
 ROWS = ("Text only", "Vision only", "ICHPro")
 MAP = "stage1_cmaf_text_to_vision"
+CHANGES = {"gcs": 5, "age": 85}  # notebook 11's counterfactual edit
 
 
 def variant_profile(name: str, profile_name: str, quick: bool):
-    """The profile with the variant's pretraining and training changes (smaller under ``--quick``)."""
+    """The profile with the variant's pretraining, model and training changes (smaller under ``--quick``)."""
     profile = get_profile(profile_name)
     parts = VARIANTS[name]
+    model = replace(profile.model, **parts.get("model", {}))
     pretrain = replace(profile.pretrain, **parts.get("pretrain", {}))
     train = replace(profile.train, **parts.get("train", {}))
     if quick:
         pretrain = replace(pretrain, epochs=1)
         train = replace(train, epochs=2)
-    return replace(profile, pretrain=pretrain, train=train)
+    return replace(profile, model=model, pretrain=pretrain, train=train)
 
 
 def inner_validation_curve(run_dir: Path) -> pd.Series:
@@ -83,24 +95,31 @@ def main(argv: list[str] | None = None) -> None:
                            n_patients=args.patients, progress=False)
     manifest = load_manifest(cohort / "manifest.csv")
     ids = [pid for label in (0, 1) for pid in manifest.loc[manifest["label"] == label, "patient_id"][:20]]
+    good = [r.patient_id for r in manifest.itertuples() if r.label == 0 and gives(r.report, CHANGES)][:24]
+    truth = pd.read_csv(cohort / "truth.csv")
     rows = [r for r in table_rows("table1_modalities") if r.name in ROWS]
     table = []
     for name in args.variants:
         profile = variant_profile(name, args.profile, args.quick)
-        predictions = run_rows(rows, profile, manifest, out / name, quiet=True, cache_dir=cache_root())
-        folders = [row_folder(out / name, profile, row, 0) for row in rows]
+        predictions = run_rows(rows, profile, manifest, out, quiet=True, cache_dir=cache_root())
+        folders = [row_folder(out, profile, row, 0) for row in rows]
         curves = [inner_validation_curve(folder) for folder in folders]
         ichpro = load_run(folders[-1])  # rows end with ICHPro
         located = localisation_summary(localisation_table(ichpro, cohort / "manifest.csv", ids))
+        edited = counterfactual_summary(counterfactual_table(
+            ichpro, manifest, pd.read_csv(folders[-1] / OOF_FILE), good, CHANGES, truth))
         table.append([name, *(roc_auc_score(p["label"], p["p_bad"]) for p in predictions.values()),
                       *(f"{c.max():.3f} ({int(c.idxmax())})" for c in curves),
                       sum(c.max() for c in curves) / len(curves),
-                      located.loc[MAP, "ratio"], located.loc[MAP, "pointing_hit"]])
+                      located.loc[MAP, "ratio"], located.loc[MAP, "pointing_hit"],
+                      f"{edited['model mean ΔP(bad)']:+.3f} ({edited['oracle mean ΔP(bad)']:+.3f})",
+                      edited["same sign as the oracle"]])
     common.print_table(
         f"Design cohort: {args.profile} spec, seed {args.seed}, {len(manifest)} patients "
         "(never the reference cohort)",
         ["variant", *(f"{r} AUC" for r in ROWS), *(f"{r} best inner-val AUC (epoch)" for r in ROWS),
-         "mean best inner-val AUC", "CMAF text->vision ratio", "pointing hit rate"], table,
+         "mean best inner-val AUC", "CMAF text->vision ratio", "pointing hit rate",
+         "ICHPro mean ΔP(bad) (oracle)", "same sign"], table,
         [f"Variants: {', '.join(f'{k} = {v}' for k, v in VARIANTS.items() if k in args.variants)}.",
          "Out-of-fold AUC over the design cohort; inner-validation AUC averaged over the 5 folds per "
          "epoch, its best epoch in brackets."])

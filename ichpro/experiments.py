@@ -83,6 +83,7 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
         Row("Text only, no Hospital Stay", None, "report_no_stay", {"modality": "text"}, "ce",
             drop_stay=True),
         Row("ICHPro, no Hospital Stay", None, drop_stay=True),
+        Row("ICHPro, no vision dropout", None, model={"vision_dropout": 0.0}),
     ]),
     "table2_fusion": ("2_fusion", [
         Row("Self", "Self Attention", model={"fusion": "self"}),
@@ -141,12 +142,14 @@ def table_rows(name: str) -> list[Row]:
 
 
 def row_profile(profile: Profile, row: Row) -> Profile:
-    """The profile a row trains: its model, loss and training changes applied, and no vision
-    pretraining when its model does not read the pretrained encoder (so that a row's run folder, keyed
-    by this profile, does not change with a pretraining it never uses)."""
+    """The profile a row trains: its model, loss and training changes applied, and neither a vision
+    pretraining nor a vision dropout its model does not use (so that a row's run folder, keyed by this
+    profile, does not change with settings it never reads)."""
     loss = profile.loss if row.loss is None else replace(profile.loss, terms=parse_loss_spec(row.loss))
-    trained = replace(profile, model=replace(profile.model, **row.model), loss=loss,
-                      train=replace(profile.train, **row.train))
+    model = replace(profile.model, **row.model)
+    if model.modality != "both" or model.comparator:
+        model = replace(model, vision_dropout=0.0)
+    trained = replace(profile, model=model, loss=loss, train=replace(profile.train, **row.train))
     return trained if uses_pretrained_vision(trained) else replace(trained, pretrain=None)
 
 

@@ -40,6 +40,8 @@ from ichpro.errors import IchproError
     (ModelConfig, "heads", 5, r"heads is 5: use a whole number >= 1 that divides the fusion width dim = 256"),
     (ModelConfig, "text_layers", 0, r"text_layers is 0"),
     (ModelConfig, "comparator_size", "large", r"use one of smoke, cpu, paper"),
+    (ModelConfig, "vision_dropout", 1.0, r"vision_dropout is 1.0: use a share in \[0, 1\)"),
+    (ModelConfig, "vision_dropout", -0.1, r"vision_dropout is -0.1"),
     (PreprocessConfig, "spatial_size", (16, 64), r"spatial_size is \(16, 64\): give three whole numbers"),
     (PreprocessConfig, "hu_window", (400.0, 15.0), r"low < high"),
     (LossConfig, "temperature", 0.0, r"temperature is 0.0: use a temperature > 0"),

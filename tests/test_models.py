@@ -178,6 +178,24 @@ def test_same_seed_gives_identical_outputs(tiny):
     assert not torch.equal(a.logits, c.logits)
 
 
+def test_vision_dropout_hides_the_ct_from_the_fusion_of_some_training_samples_only(tiny):
+    batch = make_batch(tiny)
+    blank = {**batch, "ct": torch.zeros_like(batch["ct"])}
+    model = smoke_model(tiny, vision_dropout=0.5)
+    dropped = model._vision_dropout(torch.ones(400, 2, 1, 1, 1))
+    assert set(dropped.flatten().tolist()) == {0.0, 1.0}  # whole samples, none rescaled
+    assert torch.equal(dropped[:, 0], dropped[:, 1]) and 0.4 < (dropped[:, 0] == 0).float().mean() < 0.6
+    always = smoke_model(tiny, vision_dropout=0.999)
+    torch.manual_seed(0)
+    with_ct = always(batch)
+    torch.manual_seed(0)
+    without_ct = always(blank)
+    assert torch.equal(with_ct.logits, without_ct.logits)  # the fusion saw no CT ...
+    assert not torch.allclose(with_ct.vision_embedding, without_ct.vision_embedding)  # alignment did
+    with torch.no_grad():  # in evaluation every sample's fusion reads its CT, as without dropout
+        assert torch.equal(model.eval()(batch).logits, smoke_model(tiny).eval()(batch).logits)
+
+
 def test_runs_under_bf16_autocast(tiny):
     model = smoke_model(tiny).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -11,6 +11,7 @@ from ichpro.explain import GRAD_CAM
 from ichpro.views.attention import (
     Patient,
     change_factors,
+    compare_counterfactuals,
     counterfactual_summary,
     describe_edit,
     gives,
@@ -114,6 +115,17 @@ def test_counterfactual_summary_against_the_oracle():
     assert summary["same sign as the oracle"] == pytest.approx(2 / 3)
     assert summary["model mean / oracle mean"] == pytest.approx((0.5 / 3) / 0.4)
     assert "oracle mean ΔP(bad)" not in counterfactual_summary(table[["p_before", "p_after"]])
+
+
+def test_compare_counterfactuals_states_each_runs_mean_against_the_oracles():
+    oracle = {"oracle_p_before": [0.1, 0.1], "oracle_p_after": [0.5, 0.5]}
+    reads = pd.DataFrame({"p_before": [0.1, 0.2], "p_after": [0.3, 0.4], **oracle})
+    ignores = pd.DataFrame({"p_before": [0.1, 0.2], "p_after": [0.16, 0.18], **oracle})
+    sentence = compare_counterfactuals({"A": reads, "B": ignores})
+    assert sentence == ("Mean change of P(bad) over the same 2 patients: A +0.200 (0.50 of the oracle's, "
+                        "same sign for 100%); B +0.020 (0.05 of the oracle's, same sign for 50%); "
+                        "the oracle moves it by +0.400.")
+    assert compare_counterfactuals({"A": reads[["p_before", "p_after"]]}).endswith("A +0.200.")
 
 
 def _localisation():

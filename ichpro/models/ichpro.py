@@ -114,7 +114,7 @@ class ICHPro(PrognosisModel):
         if self.trt is not None:
             f_t = self.text(input_ids, attention_mask) if text_states is None else text_states
             t_grid, token_attention = self.trt(f_t, attention_mask)
-        fused, attentions = self.fusion(v_grid, t_grid)
+        fused, attentions = self.fusion(self._vision_dropout(v_grid), t_grid)
         out = ModelOutput(logits=self.header(fused), fused=fused, attentions=attentions,
                           attention_grids=self.fusion.map_grids, token_attention=token_attention)
         if self.projections is not None:
@@ -133,6 +133,16 @@ class ICHPro(PrognosisModel):
                 text_embedding=out.text_embedding, mlm_logits=out.mlm_logits, mlm_labels=out.mlm_labels,
                 vision_logits=out.vision_logits, text_logits=out.text_logits)
         return out
+
+
+    def _vision_dropout(self, v_grid: torch.Tensor | None) -> torch.Tensor | None:
+        """In training, zero the vision grid of a ``cfg.vision_dropout`` share of the samples (only
+        where the fusion reads it: the alignment terms and MLM still see the CT)."""
+        rate = self.cfg.vision_dropout
+        if not self.training or rate == 0 or v_grid is None or self.trt is None:
+            return v_grid
+        keep = (torch.rand(v_grid.shape[0], device=v_grid.device) >= rate).to(v_grid.dtype)
+        return v_grid * keep.view(-1, *([1] * (v_grid.dim() - 1)))
 
 
 def build_model(cfg: ModelConfig, text_model: nn.Module, loss: LossConfig | None = None) -> ICHPro:

@@ -235,6 +235,22 @@ def counterfactual_summary(cf_table: pd.DataFrame) -> pd.Series:
     return pd.Series(summary, name="value")
 
 
+def compare_counterfactuals(cf_tables: Mapping[str, pd.DataFrame]) -> str:
+    """One sentence comparing the edit's effect on several runs' models (same patients, same edit)."""
+    parts = []
+    for name, table in cf_tables.items():
+        summary = counterfactual_summary(table)
+        part = f"{name} {summary['model mean ΔP(bad)']:+.3f}"
+        if "oracle mean ΔP(bad)" in summary:
+            part += (f" ({summary['model mean / oracle mean']:.2f} of the oracle's, same sign for "
+                     f"{summary['same sign as the oracle']:.0%})")
+        parts.append(part)
+    oracle = counterfactual_summary(next(iter(cf_tables.values()))).get("oracle mean ΔP(bad)")
+    tail = "" if oracle is None else f"; the oracle moves it by {oracle:+.3f}"
+    patients = len(next(iter(cf_tables.values())))
+    return f"Mean change of P(bad) over the same {patients} patients: " + "; ".join(parts) + tail + "."
+
+
 def plot_counterfactual_truth(cf_table: pd.DataFrame, title: str) -> plt.Figure:
     """The model's out-of-fold P(bad) before and after the edit against the oracle's, and the changes."""
     fig, axes = plt.subplots(1, 2, figsize=(9.5, 4), layout="constrained")
