@@ -97,7 +97,8 @@ def _train(args: argparse.Namespace) -> int:
     from ichpro.train import cross_validate, prepare_vision_weights
 
     profile = get_profile(args.profile)
-    model = profile.model if args.fusion is None else replace(profile.model, fusion=args.fusion)
+    model = replace(profile.model, **{k: v for k, v in (
+        ("fusion", args.fusion), ("vision_dropout", args.vision_dropout)) if v is not None})
     model = _encoder_options(model, args)
     loss_spec, train = args.loss, profile.train
     if args.comparator is not None:
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "oof_predictions.csv, metrics.csv, checkpoints and run.json to --out.")
     _add_run_options(p, out="run folder", resume="continue an interrupted run in --out")
     p.add_argument("--fusion", choices=FUSION_STRUCTURES, help="fusion structure (default cross-self)")
+    p.add_argument("--vision-dropout", type=float,
+                   help="share of training samples whose fusion sees the report without the CT "
+                        "(beyond the paper; the profile's: 0.5 on smoke and cpu, 0 on paper)")
     p.add_argument("--comparator", help="train a neighbouring system instead of ICHPro, e.g. "
                                         "densenet+ord_gcs, quantification, vdafm, slice2d, image+gcs, "
                                         "concat_late, logistic_regression or ich_score (Table 4 trains "

@@ -24,7 +24,8 @@ BRAIN_WINDOW = (0.0, 80.0)
 CLI_OPTIONS = {"TrainConfig.epochs": "--epochs", "TrainConfig.n_folds": "--folds",
                "TrainConfig.batch_size": "--batch-size", "TrainConfig.lr": "--lr",
                "TrainConfig.grad_accumulation": "--grad-accumulation", "TrainConfig.device": "--device",
-               "TrainConfig.amp": "--amp", "ModelConfig.fusion": "--fusion", "LossConfig.terms": "--loss"}
+               "TrainConfig.amp": "--amp", "ModelConfig.fusion": "--fusion",
+               "ModelConfig.vision_dropout": "--vision-dropout", "LossConfig.terms": "--loss"}
 
 
 def _check(config: Any, name: str, valid: Callable[[Any], bool], allowed: str) -> None:

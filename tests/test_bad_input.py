@@ -173,6 +173,8 @@ TRAIN_CASES = {
     "--batch-size -4": (["--batch-size", "-4"], r"\(--batch-size\) is -4"),
     "--lr -1": (["--lr", "-1"], r"\(--lr\) is -1.0: use a learning rate > 0"),
     "--grad-accumulation 0": (["--grad-accumulation", "0"], r"\(--grad-accumulation\) is 0"),
+    "--vision-dropout 1": (["--vision-dropout", "1"],
+                           r"vision_dropout \(--vision-dropout\) is 1.0: use a share in \[0, 1\)"),
     "--loss ce=0": (["--loss", "ce=0"], r"\(--loss\) .*learns only from ce or blend"),
     "--loss sdm": (["--loss", "sdm"], r"learns only from ce or blend"),
     "--loss focal": (["--loss", "ce,focal"], r"unknown loss term 'focal' \(--loss\)"),
