@@ -1,6 +1,6 @@
 """The profile's training choices measured on a *design cohort*: the profile's cohort spec drawn with
 another seed, so that no choice is made on the reference cohort's test folds (not a speed benchmark,
-and not run by ``run_all.py``: about 20 minutes on 2 cores for the cpu profile's three default
+and not run by ``run_all.py``: about 35 minutes on 2 cores for the cpu profile's six default
 variants, plus 7 for ``earlier``'s pretraining).
 
     .venv/bin/python bench/design_cohort.py [--profile cpu] [--seed 2] [--variants lr3e-4 ...]
@@ -42,7 +42,7 @@ from ichpro.explain import counterfactual_table, localisation_summary, localisat
 from ichpro.manifest import load_manifest
 from ichpro.predict import load_run
 from ichpro.train import OOF_FILE
-from ichpro.views.attention import counterfactual_summary, gives
+from ichpro.views.attention import counterfactual_summary, good_outcomes_to_edit
 
 VARIANTS = {
     "earlier": {"pretrain": {"batch_size": 8, "epochs": 10, "radiology_weight": 0.0}},
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
                            n_patients=args.patients, progress=False)
     manifest = load_manifest(cohort / "manifest.csv")
     ids = [pid for label in (0, 1) for pid in manifest.loc[manifest["label"] == label, "patient_id"][:20]]
-    good = [r.patient_id for r in manifest.itertuples() if r.label == 0 and gives(r.report, CHANGES)][:24]
+    good = good_outcomes_to_edit(manifest, CHANGES)[:24]
     truth = pd.read_csv(cohort / "truth.csv")
     rows = [r for r in table_rows("table1_modalities") if r.name in ROWS]
     table = []

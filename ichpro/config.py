@@ -107,10 +107,10 @@ class ModelConfig:
     heads: int = 16  # MHSAF heads
     fusion: str = "cross-self"  # one of FUSION_STRUCTURES
     modality: str = "both"  # one of MODALITIES; a single modality replaces the fusion by self-attention
-    header_blocks: tuple[int, ...] = (6, 12, 24, 16)  # DenseNet-121
     # beyond the paper: the share of training samples whose vision grid is zeroed before the fusion
     # (modality dropout), so the fusion must learn to read the report as well as the CT
     vision_dropout: float = 0.0
+    header_blocks: tuple[int, ...] = (6, 12, 24, 16)  # DenseNet-121
     header_growth: int = 32
     freeze_vision: bool = False
     freeze_text: bool = False

@@ -15,6 +15,7 @@ from ichpro.views.attention import (
     counterfactual_summary,
     describe_edit,
     gives,
+    good_outcomes_to_edit,
     largest_change,
     localisation_readings,
     oracle_readings,
@@ -104,6 +105,10 @@ def test_edits_are_described_and_reports_checked_for_their_fields():
     assert describe_edit({"gcs": 5, "age": 85}, {"gcs": 14, "age": 50}) == "GCS 14 → 5, age 50 → 85"
     assert gives("Age: 50\nGCS Score: 14", ["gcs", "age"])
     assert not gives("Age: 50", ["gcs", "age"]) and not gives("Age: old\nGCS Score: 14", ["age"])
+    manifest = pd.DataFrame({"patient_id": ["a", "b", "c", "d"], "label": [0, 1, 0, 0],
+                             "report": ["Age: 50\nGCS Score: 14", "Age: 70\nGCS Score: 6", "Age: 50",
+                                        "GCS Score: 15\nAge: 61"]})
+    assert good_outcomes_to_edit(manifest, ["gcs", "age"]) == ["a", "d"]
 
 
 def test_counterfactual_summary_against_the_oracle():

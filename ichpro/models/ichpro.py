@@ -134,7 +134,6 @@ class ICHPro(PrognosisModel):
                 vision_logits=out.vision_logits, text_logits=out.text_logits)
         return out
 
-
     def _vision_dropout(self, v_grid: torch.Tensor | None) -> torch.Tensor | None:
         """In training, zero the vision grid of a ``cfg.vision_dropout`` share of the samples (only
         where the fusion reads it: the alignment terms and MLM still see the CT)."""

@@ -221,6 +221,12 @@ def plot_counterfactual(cf: Mapping, patient: Patient, changes: Mapping[str, obj
     return fig
 
 
+def good_outcomes_to_edit(manifest: pd.DataFrame, changes: Iterable[str]) -> list[str]:
+    """The good-outcome patients whose reports state every field the edit changes, in manifest order."""
+    return [pid for pid, label, report in zip(manifest["patient_id"], manifest["label"], manifest["report"])
+            if label == 0 and gives(report, changes)]
+
+
 def counterfactual_summary(cf_table: pd.DataFrame) -> pd.Series:
     """The edit's effect over patients (:func:`ichpro.explain.counterfactual_table`), with the oracle's
     where the table has it."""
@@ -237,18 +243,19 @@ def counterfactual_summary(cf_table: pd.DataFrame) -> pd.Series:
 
 def compare_counterfactuals(cf_tables: Mapping[str, pd.DataFrame]) -> str:
     """One sentence comparing the edit's effect on several runs' models (same patients, same edit)."""
+    summaries = {name: counterfactual_summary(table) for name, table in cf_tables.items()}
     parts = []
-    for name, table in cf_tables.items():
-        summary = counterfactual_summary(table)
+    for name, summary in summaries.items():
         part = f"{name} {summary['model mean ΔP(bad)']:+.3f}"
         if "oracle mean ΔP(bad)" in summary:
             part += (f" ({summary['model mean / oracle mean']:.2f} of the oracle's, same sign for "
                      f"{summary['same sign as the oracle']:.0%})")
         parts.append(part)
-    oracle = counterfactual_summary(next(iter(cf_tables.values()))).get("oracle mean ΔP(bad)")
+    first = next(iter(summaries.values()))
+    oracle = first.get("oracle mean ΔP(bad)")
     tail = "" if oracle is None else f"; the oracle moves it by {oracle:+.3f}"
-    patients = len(next(iter(cf_tables.values())))
-    return f"Mean change of P(bad) over the same {patients} patients: " + "; ".join(parts) + tail + "."
+    return (f"Mean change of P(bad) over the same {first['patients']:.0f} patients: " + "; ".join(parts)
+            + tail + ".")
 
 
 def plot_counterfactual_truth(cf_table: pd.DataFrame, title: str) -> plt.Figure:
