@@ -12,8 +12,6 @@ Variants of the profile (``VARIANTS``):
 * ``lr3e-4``, ``lr3e-3``: the profile with another learning rate;
 * ``no-dropout``, ``dropout0.3``, ``dropout0.7``: the profile with another share of training samples
   whose vision grid the fusion does not see (``ModelConfig.vision_dropout``);
-* ``warmup2``, ``warmup4``, ``warmup6``: the profile whose first 2, 4 or 6 epochs hide the CT from
-  every training sample's fusion (``ModelConfig.vision_dropout_warmup``);
 * ``configured``: the profile as it is.
 
 For each: the out-of-fold AUC of Table 1's text only, vision only and ICHPro; each row's best mean
@@ -54,9 +52,6 @@ VARIANTS = {
     "no-dropout": {"model": {"vision_dropout": 0.0}},
     "dropout0.3": {"model": {"vision_dropout": 0.3}},
     "dropout0.7": {"model": {"vision_dropout": 0.7}},
-    "warmup2": {"model": {"vision_dropout_warmup": 2}},
-    "warmup4": {"model": {"vision_dropout_warmup": 4}},
-    "warmup6": {"model": {"vision_dropout_warmup": 6}},
 }
 DEFAULT_VARIANTS = ["lr3e-4", "configured", "lr3e-3", "no-dropout", "dropout0.3", "dropout0.7"]
 ROWS = ("Text only", "Vision only", "ICHPro")

@@ -98,8 +98,7 @@ def _train(args: argparse.Namespace) -> int:
 
     profile = get_profile(args.profile)
     model = replace(profile.model, **{k: v for k, v in (
-        ("fusion", args.fusion), ("vision_dropout", args.vision_dropout),
-        ("vision_dropout_warmup", args.vision_dropout_warmup)) if v is not None})
+        ("fusion", args.fusion), ("vision_dropout", args.vision_dropout)) if v is not None})
     model = _encoder_options(model, args)
     loss_spec, train = args.loss, profile.train
     if args.comparator is not None:
@@ -251,9 +250,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-dropout", type=float,
                    help="share of training samples whose fusion sees the report without the CT "
                         "(beyond the paper; the profile's: 0.5 on smoke and cpu, 0 on paper)")
-    p.add_argument("--vision-dropout-warmup", type=int,
-                   help="first epochs in which every training sample's fusion sees the report without "
-                        "the CT (beyond the paper; 0: none)")
     p.add_argument("--comparator", help="train a neighbouring system instead of ICHPro, e.g. "
                                         "densenet+ord_gcs, quantification, vdafm, slice2d, image+gcs, "
                                         "concat_late, logistic_regression or ich_score (Table 4 trains "

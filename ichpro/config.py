@@ -25,8 +25,7 @@ CLI_OPTIONS = {"TrainConfig.epochs": "--epochs", "TrainConfig.n_folds": "--folds
                "TrainConfig.batch_size": "--batch-size", "TrainConfig.lr": "--lr",
                "TrainConfig.grad_accumulation": "--grad-accumulation", "TrainConfig.device": "--device",
                "TrainConfig.amp": "--amp", "ModelConfig.fusion": "--fusion",
-               "ModelConfig.vision_dropout": "--vision-dropout",
-               "ModelConfig.vision_dropout_warmup": "--vision-dropout-warmup", "LossConfig.terms": "--loss"}
+               "ModelConfig.vision_dropout": "--vision-dropout", "LossConfig.terms": "--loss"}
 
 
 def _check(config: Any, name: str, valid: Callable[[Any], bool], allowed: str) -> None:
@@ -111,9 +110,6 @@ class ModelConfig:
     # beyond the paper: the share of training samples whose vision grid is zeroed before the fusion
     # (modality dropout), so the fusion must learn to read the report as well as the CT
     vision_dropout: float = 0.0
-    # beyond the paper: the first epochs zero every training sample's vision grid (the fusion first
-    # learns to read the report alone), then ``vision_dropout`` applies
-    vision_dropout_warmup: int = 0
     header_blocks: tuple[int, ...] = (6, 12, 24, 16)  # DenseNet-121
     header_growth: int = 32
     freeze_vision: bool = False
@@ -140,7 +136,6 @@ class ModelConfig:
         _check(self, "header_growth", _whole(1), "use a whole number >= 1, e.g. 32")
         _check(self, "vision_dropout", lambda v: isinstance(v, (int, float)) and 0 <= v < 1,
                "use a share in [0, 1), e.g. 0.5 (0: off)")
-        _check(self, "vision_dropout_warmup", _whole(0), "use a whole number of epochs >= 0, e.g. 4 (0: off)")
         _check(self, "comparator_input", lambda v: v is None or _wholes(3, 4)(v),
                "use None or three whole numbers >= 4")
         _choice(self, "comparator_size", COMPARATOR_SIZES)

@@ -148,7 +148,7 @@ def row_profile(profile: Profile, row: Row) -> Profile:
     loss = profile.loss if row.loss is None else replace(profile.loss, terms=parse_loss_spec(row.loss))
     model = replace(profile.model, **row.model)
     if model.modality != "both" or model.comparator:
-        model = replace(model, vision_dropout=0.0, vision_dropout_warmup=0)
+        model = replace(model, vision_dropout=0.0)
     trained = replace(profile, model=model, loss=loss, train=replace(profile.train, **row.train))
     return trained if uses_pretrained_vision(trained) else replace(trained, pretrain=None)
 

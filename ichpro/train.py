@@ -241,7 +241,6 @@ class FoldTrainer:
     def _train_epoch(self, epoch: int) -> dict[str, float]:
         cfg = self.profile.train
         self.ddp_model.train()
-        self.model.start_epoch(epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = cosine_lr(cfg.lr, epoch, cfg.epochs) if cfg.lr_schedule == "cosine" else cfg.lr
         generator = torch.Generator().manual_seed(self.seed * 7919 + self.fold.index * 101 + epoch)

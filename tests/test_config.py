@@ -42,7 +42,6 @@ from ichpro.errors import IchproError
     (ModelConfig, "comparator_size", "large", r"use one of smoke, cpu, paper"),
     (ModelConfig, "vision_dropout", 1.0, r"\(--vision-dropout\) is 1.0: use a share in \[0, 1\)"),
     (ModelConfig, "vision_dropout", -0.1, r"vision_dropout \(--vision-dropout\) is -0.1"),
-    (ModelConfig, "vision_dropout_warmup", -1, r"\(--vision-dropout-warmup\) is -1: use a whole"),
     (PreprocessConfig, "spatial_size", (16, 64), r"spatial_size is \(16, 64\): give three whole numbers"),
     (PreprocessConfig, "hu_window", (400.0, 15.0), r"low < high"),
     (LossConfig, "temperature", 0.0, r"temperature is 0.0: use a temperature > 0"),

@@ -196,20 +196,6 @@ def test_vision_dropout_hides_the_ct_from_the_fusion_of_some_training_samples_on
         assert torch.equal(model.eval()(batch).logits, smoke_model(tiny).eval()(batch).logits)
 
 
-def test_vision_dropout_warmup_hides_the_ct_from_every_sample_in_its_epochs_only(tiny):
-    model = smoke_model(tiny, vision_dropout=0.5, vision_dropout_warmup=2)
-    grid = torch.ones(400, 2, 1, 1, 1)
-    for epoch in (1, 2):
-        model.start_epoch(epoch)
-        assert model._vision_dropout(grid).abs().sum() == 0
-    model.start_epoch(3)
-    assert 0.4 < (model._vision_dropout(grid)[:, 0] == 0).float().mean() < 0.6
-    model.start_epoch(1)
-    batch = make_batch(tiny)
-    with torch.no_grad():  # evaluation reads the CT even during the warm-up
-        assert torch.equal(model.eval()(batch).logits, smoke_model(tiny).eval()(batch).logits)
-
-
 def test_runs_under_bf16_autocast(tiny):
     model = smoke_model(tiny).eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -88,8 +88,5 @@ class PrognosisModel(nn.Module):
         nothing). ``patients`` holds their ``input_ids``, ``attention_mask`` and, when the model
         reads it, ``clinical``."""
 
-    def start_epoch(self, epoch: int) -> None:
-        """Adapt to the training epoch about to start, counted from 1 (default: nothing)."""
-
     def forward(self, batch: Mapping[str, torch.Tensor]) -> ModelOutput:  # pragma: no cover - abstract
         raise NotImplementedError

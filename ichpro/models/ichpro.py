@@ -56,7 +56,6 @@ class ICHPro(PrognosisModel):
         self.unimodal = (nn.ModuleDict({"vision": nn.Linear(cfg.dim, 2), "text": nn.Linear(cfg.dim, 2)})
                          if with_unimodal_heads else None)
         self.objective = objective
-        self.vision_dropout = cfg.vision_dropout  # the current epoch's rate (start_epoch)
         if cfg.freeze_vision or cfg.modality == "text":  # an unused encoder is frozen too
             freeze(self.vision)
         if cfg.freeze_text or cfg.modality == "vision":
@@ -90,10 +89,6 @@ class ICHPro(PrognosisModel):
             if frozen:
                 encoder.eval()
         return self
-
-    def start_epoch(self, epoch: int) -> None:
-        """The vision dropout's rate for this epoch: every sample during the warm-up epochs."""
-        self.vision_dropout = 1.0 if epoch <= self.cfg.vision_dropout_warmup else self.cfg.vision_dropout
 
     def encode(self, ct: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,9 +135,9 @@ class ICHPro(PrognosisModel):
         return out
 
     def _vision_dropout(self, v_grid: torch.Tensor | None) -> torch.Tensor | None:
-        """In training, zero the vision grid of a ``vision_dropout`` share of the samples (only
+        """In training, zero the vision grid of a ``cfg.vision_dropout`` share of the samples (only
         where the fusion reads it: the alignment terms and MLM still see the CT)."""
-        rate = self.vision_dropout
+        rate = self.cfg.vision_dropout
         if not self.training or rate == 0 or v_grid is None or self.trt is None:
             return v_grid
         keep = (torch.rand(v_grid.shape[0], device=v_grid.device) >= rate).to(v_grid.dtype)
