@@ -1,0 +1,101 @@
+"""How far another machine's ``make reproduce`` lands from the committed reference run: every row of
+Tables 1-4 (AUC, its DeLong p against ICHPro, and whether the AUC lies within the reference's
+three-seed range where the row has one), the attention summary, the counterfactual and the
+pretraining card, side by side (not a speed benchmark, and not run by ``run_all.py``).
+
+    .venv/bin/python bench/machine_spread.py --other /path/to/clone/figures [--reference figures]
+
+Run ``make reproduce`` in a fresh clone on the other machine (it writes the clone's ``figures/``),
+then point ``--other`` at that folder. A reading of the README holds on both machines when the two
+p-values fall on the same side of 0.05 and the difference it calls real beats the seed range.
+``--quick`` compares the reference with itself (every difference 0), to check the script.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import common
+import pandas as pd
+
+TABLES = ("table1_modalities", "table2_fusion", "table3_losses", "table4_comparison")
+ATTENTION = "attention_localisation_summary.csv"
+COUNTERFACTUAL = "attention_counterfactual.csv"
+CARD = "encoders_pretraining_card.md"
+
+
+def table_rows(reference: Path, other: Path) -> list[list[object]]:
+    """One line per table row: AUC and DeLong p on both machines, the reference's seed range."""
+    lines = []
+    for table in TABLES:
+        ref, oth = (pd.read_csv(folder / f"{table}.csv").set_index("row") for folder in (reference, other))
+        for row in ref.index:
+            r, o = ref.loc[row], oth.loc[row]
+            seeded = pd.notna(r.get("auc_seed_min"))
+            inside = ("yes" if r["auc_seed_min"] <= o["auc"] <= r["auc_seed_max"] else "no") if seeded else ""
+            against = pd.notna(r["delong_p"])  # ICHPro itself has no p
+            same_side = "yes" if (r["delong_p"] < 0.05) == (o["delong_p"] < 0.05) else "no"
+            lines.append([table.split("_")[0], row, r["auc"], o["auc"], o["auc"] - r["auc"], seed_range(r),
+                          seed_range(o), inside, r["delong_p"] if against else "",
+                          o["delong_p"] if against else "", same_side if against else ""])
+    return lines
+
+
+def seed_range(line: pd.Series) -> str:
+    """A row's AUC range over the training seeds, if it has one."""
+    if pd.isna(line.get("auc_seed_min")):
+        return ""
+    return f"{line['auc_seed_min']:.3f}-{line['auc_seed_max']:.3f}"
+
+
+def attention_rows(reference: Path, other: Path) -> list[list[object]]:
+    """Mass ratio and pointing-game hit rate of every attention map on both machines."""
+    ref, oth = (pd.read_csv(folder / ATTENTION).set_index("method") for folder in (reference, other))
+    return [[method, ref.loc[method, "ratio"], oth.loc[method, "ratio"], ref.loc[method, "pointing_hit_rate"],
+             oth.loc[method, "pointing_hit_rate"]] for method in ref.index]
+
+
+def counterfactual_row(folder: Path) -> list[object]:
+    """Mean ΔP(bad) of the model and of the oracle, their ratio, and the share with the oracle's sign."""
+    cf = pd.read_csv(folder / COUNTERFACTUAL)
+    model, oracle = cf["p_after"] - cf["p_before"], cf["oracle_p_after"] - cf["oracle_p_before"]
+    return [model.mean(), oracle.mean(), model.mean() / oracle.mean(), ((model > 0) == (oracle > 0)).mean()]
+
+
+def held_out_line(folder: Path) -> str:
+    """The pretraining card's held-out line."""
+    lines = (folder / CARD).read_text().splitlines()
+    return next(line for line in lines if line.startswith("* Held out:"))[len("* Held out: "):]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = common.make_parser(__doc__)
+    parser.add_argument("--reference", default=str(common.REPO / "figures"),
+                        help="the committed reference run's figures (default: this checkout's)")
+    parser.add_argument("--other", help="another machine's figures folder")
+    args = common.parse(parser, argv)
+    reference = Path(args.reference)
+    if args.quick:
+        args.other = args.reference
+    if args.other is None:
+        parser.error("--other is required (the figures folder of another machine's make reproduce)")
+    other = Path(args.other)
+    common.print_table(
+        "Tables 1-4 on both machines", ["table", "row", "reference AUC", "other AUC", "difference",
+                                        "reference seed range", "other seed range",
+                                        "other inside the reference's", "reference p",
+                                        "other p", "same side of 0.05"],
+        table_rows(reference, other),
+        ["p: DeLong against ICHPro on the same folds; the seed range is the reference's three seeds."])
+    common.print_table("Attention maps (40 patients)", ["map", "reference ratio", "other ratio",
+                                                        "reference pointing", "other pointing"],
+                       attention_rows(reference, other))
+    common.print_table("Counterfactual (GCS -> 5, age -> 85)",
+                       ["run", "model mean ΔP(bad)", "oracle mean ΔP(bad)", "model / oracle", "same sign"],
+                       [["reference", *counterfactual_row(reference)], ["other", *counterfactual_row(other)]])
+    common.print_table("Pretrained vision encoder, held out", ["run", "card"],
+                       [["reference", held_out_line(reference)], ["other", held_out_line(other)]])
+
+
+if __name__ == "__main__":
+    main()
