@@ -18,6 +18,8 @@ from pathlib import Path
 import common
 import pandas as pd
 
+from ichpro.views.attention import counterfactual_summary
+
 TABLES = ("table1_modalities", "table2_fusion", "table3_losses", "table4_comparison")
 ATTENTION = "attention_localisation_summary.csv"
 COUNTERFACTUAL = "attention_counterfactual.csv"
@@ -25,7 +27,7 @@ CARD = "encoders_pretraining_card.md"
 
 
 def table_rows(reference: Path, other: Path) -> list[list[object]]:
-    """One line per table row: AUC and DeLong p on both machines, the reference's seed range."""
+    """One line per table row: AUC, seed range and DeLong p on both machines."""
     lines = []
     for table in TABLES:
         ref, oth = (pd.read_csv(folder / f"{table}.csv").set_index("row") for folder in (reference, other))
@@ -33,11 +35,12 @@ def table_rows(reference: Path, other: Path) -> list[list[object]]:
             r, o = ref.loc[row], oth.loc[row]
             seeded = pd.notna(r.get("auc_seed_min"))
             inside = ("yes" if r["auc_seed_min"] <= o["auc"] <= r["auc_seed_max"] else "no") if seeded else ""
-            against = pd.notna(r["delong_p"])  # ICHPro itself has no p
-            same_side = "yes" if (r["delong_p"] < 0.05) == (o["delong_p"] < 0.05) else "no"
+            p_values = ["", "", ""]  # ICHPro itself has no p
+            if pd.notna(r["delong_p"]):
+                same_side = (r["delong_p"] < 0.05) == (o["delong_p"] < 0.05)
+                p_values = [r["delong_p"], o["delong_p"], "yes" if same_side else "no"]
             lines.append([table.split("_")[0], row, r["auc"], o["auc"], o["auc"] - r["auc"], seed_range(r),
-                          seed_range(o), inside, r["delong_p"] if against else "",
-                          o["delong_p"] if against else "", same_side if against else ""])
+                          seed_range(o), inside, *p_values])
     return lines
 
 
@@ -57,9 +60,9 @@ def attention_rows(reference: Path, other: Path) -> list[list[object]]:
 
 def counterfactual_row(folder: Path) -> list[object]:
     """Mean ΔP(bad) of the model and of the oracle, their ratio, and the share with the oracle's sign."""
-    cf = pd.read_csv(folder / COUNTERFACTUAL)
-    model, oracle = cf["p_after"] - cf["p_before"], cf["oracle_p_after"] - cf["oracle_p_before"]
-    return [model.mean(), oracle.mean(), model.mean() / oracle.mean(), ((model > 0) == (oracle > 0)).mean()]
+    summary = counterfactual_summary(pd.read_csv(folder / COUNTERFACTUAL))
+    return [summary[key] for key in ("model mean ΔP(bad)", "oracle mean ΔP(bad)", "model mean / oracle mean",
+                                     "same sign as the oracle")]
 
 
 def held_out_line(folder: Path) -> str:
@@ -86,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                                         "other inside the reference's", "reference p",
                                         "other p", "same side of 0.05"],
         table_rows(reference, other),
-        ["p: DeLong against ICHPro on the same folds; the seed range is the reference's three seeds."])
+        ["p: DeLong against ICHPro on the same folds; seed ranges: min-max AUC over each run's seeds."])
     common.print_table("Attention maps (40 patients)", ["map", "reference ratio", "other ratio",
                                                         "reference pointing", "other pointing"],
                        attention_rows(reference, other))
