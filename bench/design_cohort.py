@@ -12,6 +12,8 @@ Variants of the profile (``VARIANTS``):
 * ``lr3e-4``, ``lr3e-3``: the profile with another learning rate;
 * ``no-dropout``, ``dropout0.3``, ``dropout0.7``: the profile with another share of training samples
   whose vision grid the fusion does not see (``ModelConfig.vision_dropout``);
+* ``numbers1``, ``numbers3``: ICHPro's loss with the ``numbers`` term beside VTMF at weight 1 or 3
+  (the fused representation also regresses the patient's age and GCS; ``ichpro.losses``);
 * ``configured``: the profile as it is.
 
 For each: the out-of-fold AUC of Table 1's text only, vision only and ICHPro; each row's best mean
@@ -39,6 +41,7 @@ from ichpro.cohort import ensure_cohort
 from ichpro.config import cache_root, get_profile
 from ichpro.experiments import row_folder, run_rows, table_rows
 from ichpro.explain import counterfactual_table, localisation_summary, localisation_table
+from ichpro.losses import VTMF
 from ichpro.manifest import load_manifest
 from ichpro.predict import load_run
 from ichpro.train import OOF_FILE
@@ -52,6 +55,8 @@ VARIANTS = {
     "no-dropout": {"model": {"vision_dropout": 0.0}},
     "dropout0.3": {"model": {"vision_dropout": 0.3}},
     "dropout0.7": {"model": {"vision_dropout": 0.7}},
+    "numbers1": {"loss": {"terms": (*VTMF, ("numbers", 1.0))}},
+    "numbers3": {"loss": {"terms": (*VTMF, ("numbers", 3.0))}},
 }
 DEFAULT_VARIANTS = ["lr3e-4", "configured", "lr3e-3", "no-dropout", "dropout0.3", "dropout0.7"]
 ROWS = ("Text only", "Vision only", "ICHPro")
@@ -66,10 +71,11 @@ def variant_profile(name: str, profile_name: str, quick: bool):
     model = replace(profile.model, **parts.get("model", {}))
     pretrain = replace(profile.pretrain, **parts.get("pretrain", {}))
     train = replace(profile.train, **parts.get("train", {}))
+    loss = replace(profile.loss, **parts.get("loss", {}))
     if quick:
         pretrain = replace(pretrain, epochs=1)
         train = replace(train, epochs=2)
-    return replace(profile, model=model, pretrain=pretrain, train=train)
+    return replace(profile, model=model, loss=loss, pretrain=pretrain, train=train)
 
 
 def inner_validation_curve(run_dir: Path) -> pd.Series:

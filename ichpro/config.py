@@ -146,7 +146,7 @@ CALIBRATIONS = ("none", "platt")  # TrainConfig.calibration (ichpro.calibration)
 LR_SCHEDULES = ("constant", "cosine")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 #: loss-term names (their functions: ichpro.losses); the supervised ones train the prognosis head
-LOSS_TERMS = ("ce", "imima", "sdm", "mlm", "blend", "cmpm", "cmfa")
+LOSS_TERMS = ("ce", "imima", "sdm", "mlm", "blend", "cmpm", "cmfa", "numbers")
 SUPERVISED_TERMS = ("ce", "blend")
 
 

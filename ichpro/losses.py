@@ -25,6 +25,9 @@ the label matrix and q_ij = Y_ij / sum_k Y_ik its row distribution.
   the projection of v_i on the normalised t_j (no temperature), plus the symmetric term.
 * CMFA: cross-modal hardest-negative triplet plus affinity alignment (see ``cmfa_loss``).
 * Blend (gradient blending, Wang, Tran & Feiszli 2020): weighted CE of the fused and unimodal heads.
+* Numbers (beyond the paper): mean squared error of the patient's age and GCS read from the fused
+  representation the header classifies, each standardised by :data:`NUMBER_SCALES`. The outcome
+  labels alone do not teach the fusion to keep the report's numbers (``bench/fusion_headroom.py``).
 
 ICHPro's loss is VTMF = CE + IMIMA + alpha . SDM + beta . MLM. Cross-entropy is always part of
 training: the official code forgot it, and without a supervised term the classifier never learns.
@@ -57,7 +60,10 @@ _INPUTS: dict[str, tuple[tuple[str, ...], str]] = {
     "blend": (("logits", "vision_logits", "text_logits"), "build the model with unimodal heads"),
     "cmpm": (_EMBEDDINGS, _EMBEDDING_HINT),
     "cmfa": (_EMBEDDINGS, _EMBEDDING_HINT),
+    "numbers": (("numbers", "numbers_target"), "build ICHPro with the numbers head (loss term 'numbers')"),
 }
+#: the numbers the "numbers" term regresses, in order, with the centre and scale that standardise them
+NUMBER_SCALES = (("age", 65.0, 15.0), ("gcs", 10.0, 4.0))
 
 
 def _float32(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
@@ -224,6 +230,15 @@ def blend_loss(fused_logits: torch.Tensor, vision_logits: torch.Tensor, text_log
     return sum(w * ce_loss(logits, labels) for w, logits in zip(weights, heads, strict=True))
 
 
+@_float32
+def numbers_loss(predicted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of predicted (B, 2) against raw age and GCS (B, 2), both standardised by
+    :data:`NUMBER_SCALES` (the prediction is on the standardised scale)."""
+    centre = target.new_tensor([c for _, c, _ in NUMBER_SCALES])
+    scale = target.new_tensor([s for _, _, s in NUMBER_SCALES])
+    return F.mse_loss(predicted, (target - centre) / scale)
+
+
 def _format(terms: Sequence[tuple[str, float]]) -> str:
     """Loss terms in the CLI syntax, e.g. "ce=1,sdm=0.5"."""
     return ",".join(f"{name}={weight:g}" for name, weight in terms)
@@ -260,11 +275,13 @@ class CompositeLoss(nn.Module):
                 vision_embedding: torch.Tensor | None = None, text_embedding: torch.Tensor | None = None,
                 mlm_logits: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
                 vision_logits: torch.Tensor | None = None, text_logits: torch.Tensor | None = None,
+                numbers: torch.Tensor | None = None, numbers_target: torch.Tensor | None = None,
                 ) -> tuple[torch.Tensor, dict[str, float]]:
         """Return (total = sum of weight . term, {"total": ..., term: unweighted value, ...})."""
         inputs = {"logits": logits, "vision_embedding": vision_embedding, "text_embedding": text_embedding,
                   "mlm_logits": mlm_logits, "mlm_labels": mlm_labels,
-                  "vision_logits": vision_logits, "text_logits": text_logits}
+                  "vision_logits": vision_logits, "text_logits": text_logits,
+                  "numbers": numbers, "numbers_target": numbers_target}
         values = {name: self._term(name, labels, inputs) for name in self.names}
         total = sum(weight * values[name] for name, weight in self.terms)
         report = {"total": float(total.detach())}
@@ -286,6 +303,7 @@ class CompositeLoss(nn.Module):
                                         labels),
             "cmpm": lambda: cmpm_loss(v, t, labels),
             "cmfa": lambda: cmfa_loss(v, t, labels),
+            "numbers": lambda: numbers_loss(inputs["numbers"], inputs["numbers_target"]),
         }
         return compute[name]()
 

@@ -19,6 +19,7 @@ from ichpro.losses import (
     imima_loss,
     info_nce,
     mlm_loss,
+    numbers_loss,
     parse_loss_spec,
     sdm_loss,
     supervised_contrastive,
@@ -90,6 +91,12 @@ def test_blend_is_weighted_sum_of_three_ces():
     assert blend_loss(fused, vision, text, labels, weights).item() == pytest.approx(expected.item(), rel=1e-6)
     assert blend_loss(fused, vision, text, labels).item() == pytest.approx(
         sum(F.cross_entropy(x, labels) for x in (fused, vision, text)).item() / 3, rel=1e-6)
+
+
+def test_numbers_is_the_mean_squared_error_of_the_standardised_age_and_gcs():
+    target = torch.tensor([[80.0, 6.0], [65.0, 10.0]])  # standardised: (1, -1) and (0, 0)
+    predicted = torch.tensor([[1.0, 1.0], [0.5, 0.0]])
+    assert numbers_loss(predicted, target).item() == pytest.approx((0 + 4 + 0.25 + 0) / 4)
 
 
 # ---------------------------------------------------------------- contrastive terms
@@ -252,10 +259,14 @@ def model_outputs(seed: int = 6, b: int = 8, e: int = 16, length: int = 5, vocab
         "mlm_labels": mlm_labels,
         "vision_logits": torch.randn(b, 2, generator=gen),
         "text_logits": torch.randn(b, 2, generator=gen),
+        "numbers": torch.randn(b, 2, generator=gen),
+        "numbers_target": torch.stack([torch.randint(18, 95, (b,), generator=gen),
+                                       torch.randint(3, 16, (b,), generator=gen)], dim=1).float(),
     }
 
 
-ALL_TERMS = {"ce": 1.0, "imima": 0.7, "sdm": 0.5, "mlm": 0.25, "blend": 2.0, "cmpm": 0.1, "cmfa": 1.5}
+ALL_TERMS = {"ce": 1.0, "imima": 0.7, "sdm": 0.5, "mlm": 0.25, "blend": 2.0, "cmpm": 0.1, "cmfa": 1.5,
+             "numbers": 0.3}
 
 
 def test_composite_total_is_weighted_sum_and_reports_every_term():

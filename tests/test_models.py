@@ -267,6 +267,24 @@ def test_blend_loss_builds_unimodal_heads(tiny):
     assert out.vision_logits.shape == out.text_logits.shape == (4, 2)
 
 
+def test_the_numbers_term_reads_age_and_gcs_from_the_fused_representation(tiny):
+    torch.manual_seed(0)
+    loss = LossConfig(terms=(("ce", 1.0), ("numbers", 2.0)))
+    model = build_model(SMOKE.model, copy.deepcopy(tiny.model), loss)
+    assert model.targets == ("age", "gcs")
+    batch = make_batch(tiny)
+    assert model(batch).loss is None  # the term's targets are missing: no loss, not a wrong one
+    batch["age"], batch["gcs"] = torch.tensor([56.0, 81, 67, 45]), torch.tensor([13.0, 5, 9, 15])
+    out = model(batch)
+    assert out.numbers.shape == (4, 2)
+    standardised = torch.stack([(batch["age"] - 65) / 15, (batch["gcs"] - 10) / 4], dim=1)
+    expected = ((out.numbers - standardised) ** 2).mean()
+    assert out.terms["numbers"] == pytest.approx(expected.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx(out.terms["ce"] + 2 * out.terms["numbers"], rel=1e-5)
+    out.loss.backward()
+    assert model.numbers.weight.grad.abs().sum() > 0 and model.trt.queries.grad.abs().sum() > 0
+
+
 def test_precomputed_encoder_outputs_give_the_same_prediction(tiny):
     model = smoke_model(tiny).eval()
     batch = make_batch(tiny)

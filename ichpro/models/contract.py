@@ -39,6 +39,7 @@ class ModelOutput:
     mlm_labels: torch.Tensor | None = None  # (N,) their targets: the decoded vocabulary's indices
     vision_logits: torch.Tensor | None = None  # unimodal heads (gradient-blending loss)
     text_logits: torch.Tensor | None = None
+    numbers: torch.Tensor | None = None  # (B, 2) standardised age and GCS read from ``fused``
     token_attention: torch.Tensor | None = None  # TRT's (B, heads, |G|, L): which tokens each cell reads
 
     def attention_volume(self, name: str, size: Grid) -> torch.Tensor:

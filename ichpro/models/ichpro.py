@@ -10,7 +10,7 @@ from torch import nn
 
 from ichpro.config import LossConfig, ModelConfig
 from ichpro.errors import IchproError
-from ichpro.losses import CompositeLoss
+from ichpro.losses import NUMBER_SCALES, CompositeLoss
 from ichpro.models.contract import ModelOutput, PrognosisModel
 from ichpro.models.encoders import TextEncoder, VisionEncoder, freeze, masked_mean
 from ichpro.models.fusion import TRT, VRT, FusionStack, tokens
@@ -31,7 +31,7 @@ class ICHPro(PrognosisModel):
     gradcam_layer = "vision"
 
     def __init__(self, cfg: ModelConfig, text_model: nn.Module, *, with_embeddings: bool = True,
-                 with_mlm: bool = True, with_unimodal_heads: bool = False,
+                 with_mlm: bool = True, with_unimodal_heads: bool = False, with_numbers: bool = False,
                  objective: CompositeLoss | None = None, mlm_vocabulary: str = "full"):
         super().__init__()
         self.cfg, self.mlm_vocabulary = cfg, mlm_vocabulary
@@ -55,6 +55,8 @@ class ICHPro(PrognosisModel):
         self.mlm = MLMHead(hidden, cfg.dim, cfg.heads, self.text.word_embeddings) if with_mlm else None
         self.unimodal = (nn.ModuleDict({"vision": nn.Linear(cfg.dim, 2), "text": nn.Linear(cfg.dim, 2)})
                          if with_unimodal_heads else None)
+        # beyond the paper: age and GCS read from the fused representation (loss term "numbers")
+        self.numbers = nn.Linear(cfg.dim, len(NUMBER_SCALES)) if with_numbers else None
         self.objective = objective
         if cfg.freeze_vision or cfg.modality == "text":  # an unused encoder is frozen too
             freeze(self.vision)
@@ -63,7 +65,8 @@ class ICHPro(PrognosisModel):
         self.frozen_prefixes = (("vision.",) if cfg.freeze_vision else ()) + (
             ("text.", "mlm.word_embeddings.") if cfg.freeze_text else ())
         self.inputs = self._inputs()
-        self.targets = ("mlm_labels",) if self.mlm is not None else ()
+        self.targets = (("mlm_labels",) if self.mlm is not None else ()) + (
+            tuple(name for name, _, _ in NUMBER_SCALES) if self.numbers is not None else ())
         self.train()
 
     def _inputs(self) -> tuple[str, ...]:
@@ -127,11 +130,17 @@ class ICHPro(PrognosisModel):
         if self.unimodal is not None:
             out.vision_logits = self.unimodal["vision"](out.vision_embedding)
             out.text_logits = self.unimodal["text"](out.text_embedding)
+        numbers_target = None
+        if self.numbers is not None:
+            out.numbers = self.numbers(fused.mean(dim=(2, 3, 4)))
+            if self.is_labelled(batch):
+                numbers_target = torch.stack([batch[name] for name, _, _ in NUMBER_SCALES], dim=1)
         if self.objective is not None and self.is_labelled(batch):
             out.loss, out.terms = self.objective(
                 labels=batch["labels"], logits=out.logits, vision_embedding=out.vision_embedding,
                 text_embedding=out.text_embedding, mlm_logits=out.mlm_logits, mlm_labels=out.mlm_labels,
-                vision_logits=out.vision_logits, text_logits=out.text_logits)
+                vision_logits=out.vision_logits, text_logits=out.text_logits, numbers=out.numbers,
+                numbers_target=numbers_target)
         return out
 
     def _vision_dropout(self, v_grid: torch.Tensor | None) -> torch.Tensor | None:
@@ -147,9 +156,10 @@ class ICHPro(PrognosisModel):
 def build_model(cfg: ModelConfig, text_model: nn.Module, loss: LossConfig | None = None) -> ICHPro:
     """ICHPro with its objective (the loss config's :class:`~ichpro.losses.CompositeLoss`) and the
     branches it needs: pooled embeddings for the alignment terms, the MLM head for "mlm", unimodal
-    heads for "blend"."""
+    heads for "blend", the age and GCS head for "numbers"."""
     loss = loss or LossConfig()
     names = {name for name, _ in loss.terms}
     return ICHPro(cfg, text_model, with_embeddings=bool(names & ALIGNMENT_TERMS),
                   with_mlm="mlm" in names, with_unimodal_heads="blend" in names,
+                  with_numbers="numbers" in names,
                   objective=CompositeLoss.from_config(loss), mlm_vocabulary=loss.mlm_vocabulary)

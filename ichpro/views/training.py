@@ -23,7 +23,7 @@ from ichpro.train import CALIBRATION_FILE, STATE_FILE
 
 #: how the figures name the loss terms (:data:`ichpro.config.LOSS_TERMS`) and the run's total
 LOSS_NAMES = {"ce": "CE", "imima": "IMIMA", "sdm": "SDM", "mlm": "MLM", "blend": "blend", "cmpm": "CMPM",
-              "cmfa": "CMFA", "total": "total (weighted sum)"}
+              "cmfa": "CMFA", "numbers": "age and GCS", "total": "total (weighted sum)"}
 _VALIDATION = {"val_auc": "inner-validation AUC", "val_loss": "inner-validation loss (cross-entropy)"}
 KEPT = "kept epoch (best inner-validation AUC)"
 
