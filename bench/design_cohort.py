@@ -12,8 +12,9 @@ Variants of the profile (``VARIANTS``):
 * ``lr3e-4``, ``lr3e-3``: the profile with another learning rate;
 * ``no-dropout``, ``dropout0.3``, ``dropout0.7``: the profile with another share of training samples
   whose vision grid the fusion does not see (``ModelConfig.vision_dropout``);
-* ``numbers1``, ``numbers3``: ICHPro's loss with the ``numbers`` term beside VTMF at weight 1 or 3
-  (the fused representation also regresses the patient's age and GCS; ``ichpro.losses``);
+* ``numbers1``, ``numbers3``, ``numbers10``: ICHPro's loss with the ``numbers`` term beside VTMF at
+  weight 1, 3 or 10 (the fused representation also regresses the patient's age and GCS;
+  ``ichpro.losses``);
 * ``configured``: the profile as it is.
 
 For each: the out-of-fold AUC of Table 1's text only, vision only and ICHPro; each row's best mean
@@ -57,6 +58,7 @@ VARIANTS = {
     "dropout0.7": {"model": {"vision_dropout": 0.7}},
     "numbers1": {"loss": {"terms": (*VTMF, ("numbers", 1.0))}},
     "numbers3": {"loss": {"terms": (*VTMF, ("numbers", 3.0))}},
+    "numbers10": {"loss": {"terms": (*VTMF, ("numbers", 10.0))}},
 }
 DEFAULT_VARIANTS = ["lr3e-4", "configured", "lr3e-3", "no-dropout", "dropout0.3", "dropout0.7"]
 ROWS = ("Text only", "Vision only", "ICHPro")
