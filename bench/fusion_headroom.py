@@ -55,10 +55,15 @@ def report_states(texts: list[str], profile) -> np.ndarray:
     return layers[profile.model.text_layers or -1]
 
 
+def clipped_logit(p: pd.Series) -> np.ndarray:
+    """The logit of probabilities kept inside (1e-6, 1 - 1e-6), so that 0 and 1 stay finite."""
+    return logit(p.clip(1e-6, 1 - 1e-6).to_numpy())
+
+
 def oof_logit(run_dir: Path, patient_ids: pd.Series) -> np.ndarray:
     """A run's out-of-fold logit of P(bad), in the manifest's patient order."""
     oof = read_predictions(run_dir / OOF_FILE).set_index("patient_id")["p_bad"]
-    return logit(oof.loc[patient_ids.astype(str)].clip(1e-6, 1 - 1e-6).to_numpy())
+    return clipped_logit(oof.loc[patient_ids.astype(str)])
 
 
 def number_reading(text: np.ndarray, text_after: np.ndarray, numbers: np.ndarray, folds,
@@ -111,8 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                          "bench/design_cohort.py for the design cohort) first")
     images = {f"vision only, seed {s}": (s, oof_logit(folder, manifest["patient_id"]))
               for s, folder in finished.items()}
-    true_image = truth["p_bad_oracle_image"].clip(1e-6, 1 - 1e-6).to_numpy()
-    images["true image variables"] = (None, logit(true_image))
+    images["true image variables"] = (None, clipped_logit(truth["p_bad_oracle_image"]))
     reading = number_reading(text, text_after, numbers, seed0, edited)
     table = []
     for image_name, (seed, image) in images.items():
