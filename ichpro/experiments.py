@@ -30,7 +30,7 @@ from scipy.stats import spearmanr
 from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, mean_absolute_error, r2_score
 
 from ichpro.clinical import clinical_fields
-from ichpro.config import Profile
+from ichpro.config import LossConfig, ModelConfig, Profile
 from ichpro.data import config_hash
 from ichpro.errors import IchproError
 from ichpro.losses import parse_loss_spec
@@ -141,12 +141,29 @@ def table_rows(name: str) -> list[Row]:
     return TABLES[name][1]
 
 
+#: loss terms beyond the paper that a profile adds to every row reading the report, whatever the
+#: row's own loss terms (so that a loss ablation compares the paper's terms under the same aid)
+ADDED_TERMS = ("numbers",)
+
+
+def row_loss(profile: Profile, row: Row, model: ModelConfig) -> LossConfig:
+    """The loss a row trains with: its own terms (or the profile's), plus the profile's
+    :data:`ADDED_TERMS` when the row's ICHPro model reads the report, and never when it does not
+    (a vision-only model or a comparator)."""
+    terms = profile.loss.terms if row.loss is None else parse_loss_spec(row.loss)
+    named = {name for name, _ in terms}
+    reads_report = model.modality != "vision" and not model.comparator
+    added = tuple(term for term in profile.loss.terms if term[0] in ADDED_TERMS and term[0] not in named)
+    terms = tuple(term for term in terms + added if reads_report or term[0] not in ADDED_TERMS)
+    return replace(profile.loss, terms=terms)
+
+
 def row_profile(profile: Profile, row: Row) -> Profile:
-    """The profile a row trains: its model, loss and training changes applied, and neither a vision
-    pretraining nor a vision dropout its model does not use (so that a row's run folder, keyed by this
-    profile, does not change with settings it never reads)."""
-    loss = profile.loss if row.loss is None else replace(profile.loss, terms=parse_loss_spec(row.loss))
+    """The profile a row trains: its model, loss (:func:`row_loss`) and training changes applied, and
+    neither a vision pretraining nor a vision dropout its model does not use (so that a row's run
+    folder, keyed by this profile, does not change with settings it never reads)."""
     model = replace(profile.model, **row.model)
+    loss = row_loss(profile, row, model)
     if model.modality != "both" or model.comparator:
         model = replace(model, vision_dropout=0.0)
     trained = replace(profile, model=model, loss=loss, train=replace(profile.train, **row.train))

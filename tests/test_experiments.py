@@ -97,6 +97,21 @@ def test_only_fusion_rows_are_keyed_by_the_vision_dropout():
         assert row_folder("out", SMOKE, by_name[name], 0) != row_folder("out", other, by_name[name], 0)
 
 
+def test_the_numbers_term_goes_to_every_row_reading_the_report_and_to_no_other():
+    with_numbers = replace(SMOKE, loss=replace(SMOKE.loss, terms=(*SMOKE.loss.terms, ("numbers", 3.0))))
+    by_name = {r.name: r for _, rows in TABLES.values() for r in rows}
+    assert row_profile(with_numbers, by_name["Text only"]).loss.terms == (("ce", 1.0), ("numbers", 3.0))
+    assert row_profile(with_numbers, by_name["CE + IMIMA"]).loss.terms == (
+        ("ce", 1.0), ("imima", 1.0), ("numbers", 3.0))
+    assert row_profile(with_numbers, by_name["VTMF (ICHPro)"]).loss == with_numbers.loss
+    for name in ("Vision only", "Small 3D CNN", "Concatenation late fusion"):
+        assert row_profile(with_numbers, by_name[name]).loss.terms == (("ce", 1.0),)
+        assert row_folder("out", SMOKE, by_name[name], 0) == row_folder("out", with_numbers, by_name[name], 0)
+    # a row that names the term keeps its own weight
+    own = Row("CE + numbers", loss="ce,numbers=1")
+    assert row_profile(with_numbers, own).loss.terms == (("ce", 1.0), ("numbers", 1.0))
+
+
 def test_drop_stay_rows_see_reports_without_hospital_stay():
     manifest, _ = cohort()
     row = next(r for r in table_rows("table1_modalities") if r.drop_stay)
