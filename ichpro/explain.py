@@ -35,6 +35,7 @@ from ichpro.reports import Report, parse, render
 from ichpro.text import tokenize
 
 GRAD_CAM = "grad_cam"  # method name of Grad-CAM in the localisation table
+GRADIENT_WEIGHTED = "_x_gradient"  # suffix of a gradient-weighted attention map's method name
 MEASURES = ("mass_inside", "volume_share", "ratio", "pointing_hit")
 
 
@@ -64,6 +65,29 @@ def attention_maps(model: ICHPro, batch: Mapping[str, torch.Tensor], names: Sequ
     """Each fusion attention map on the input grid: name -> (B, D, H, W), each voxel holding the
     share of attention its grid cell receives (see ``ModelOutput.attention_volume``)."""
     return _volumes(_output(model, batch), tuple(batch["ct"].shape[2:]), names)
+
+
+def gradient_weighted_attention(model: ICHPro, batch: Mapping[str, torch.Tensor], target_class: int = 1
+                                ) -> dict[str, torch.Tensor]:
+    """Each fusion attention map weighted by its gradient, on the input grid: name +
+    :data:`GRADIENT_WEIGHTED` -> (B, D, H, W), summing to 1 over the grid.
+
+    The rule of Chefer, Gur & Wolf (ICCV 2021) for one attention layer: the positive part of
+    (d logit / d A) * A, averaged over heads and queries, where ``logit`` is ``target_class``'s
+    (1 = bad outcome). A key cell counts by the attention it receives where that attention raises
+    the logit; the raw map (:func:`attention_maps`) counts all attention alike, whether or not the
+    prediction uses it. A patient whose map has no positive part gets an all-zero map.
+    """
+    with explaining(model), torch.enable_grad():
+        out = model(batch)
+        names = list(out.attentions)
+        grads = torch.autograd.grad(out.logits[:, target_class].sum(), [out.attentions[n] for n in names])
+    weighted = ModelOutput(
+        logits=out.logits.detach(),
+        attentions={name + GRADIENT_WEIGHTED: (grad * out.attentions[name]).detach().float().clamp(min=0)
+                    for name, grad in zip(names, grads)},
+        attention_grids={name + GRADIENT_WEIGHTED: out.attention_grids[name] for name in names})
+    return _volumes(weighted, tuple(batch["ct"].shape[2:]), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,14 +167,17 @@ def report_batch(run: TrainedRun, ct: torch.Tensor, report: str) -> dict[str, to
     return batch
 
 
-def patient_maps(run: TrainedRun, batch: Mapping[str, torch.Tensor], with_grad_cam: bool = True
+def patient_maps(run: TrainedRun, batch: Mapping[str, torch.Tensor], with_gradients: bool = True
                  ) -> dict[str, np.ndarray]:
-    """Every map of one patient's batch, averaged over the run's fold models: name -> (D, H, W)."""
+    """Every map of one patient's batch, averaged over the run's fold models: name -> (D, H, W).
+    ``with_gradients`` adds the maps a backward pass makes: the gradient-weighted attention maps
+    (:func:`gradient_weighted_attention`) and Grad-CAM."""
     size = tuple(batch["ct"].shape[2:])
     per_model = []
     for model in run.models:
         maps = {name: v[0] for name, v in _volumes(_output(model, batch), size, None).items()}
-        if with_grad_cam:
+        if with_gradients:
+            maps.update({name: v[0] for name, v in gradient_weighted_attention(model, batch).items()})
             maps[GRAD_CAM] = grad_cam(model, batch)[0]
         per_model.append(maps)
     return {name: np.mean([_numpy(maps[name]) for maps in per_model], axis=0) for name in per_model[0]}
@@ -275,9 +302,12 @@ def _blank_ct_batch(run: TrainedRun, report: str) -> dict[str, torch.Tensor]:
 
 def map_grids(run: TrainedRun) -> dict[str, tuple[int, ...]]:
     """The grid each map of :func:`patient_maps` is made on before it is up-sampled to the input:
-    each fusion attention map's key grid, and Grad-CAM's, the vision encoder's feature grid."""
+    each fusion attention map's key grid (its gradient-weighted map's too), and Grad-CAM's, the vision
+    encoder's feature grid."""
     model = run.models[0]
-    return {**model.fusion.map_grids, GRAD_CAM: feature_grid(model, _blank_ct_batch(run, ""))}
+    return {**model.fusion.map_grids,
+            **{name + GRADIENT_WEIGHTED: grid for name, grid in model.fusion.map_grids.items()},
+            GRAD_CAM: feature_grid(model, _blank_ct_batch(run, ""))}
 
 
 def token_attention(run: TrainedRun, report: str) -> pd.Series:
@@ -341,7 +371,7 @@ def counterfactual(run: TrainedRun, ct: str | Path | torch.Tensor, report: str,
     for when, text in (("before", before), ("after", after)):
         batch = report_batch(run, image, text)
         result[f"p_bad_{when}"] = _p_bad(run, batch)
-        result[f"attention_{when}"] = patient_maps(run, batch, with_grad_cam=False)
+        result[f"attention_{when}"] = patient_maps(run, batch, with_gradients=False)
     return result
 
 

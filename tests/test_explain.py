@@ -112,6 +112,23 @@ def test_attention_maps_cover_every_fusion_map(run, batch):
         explain.attention_maps(model, batch, ["nope"])
 
 
+def test_gradient_weighted_attention_is_a_share_of_each_map_and_leaves_the_model_as_found(run, batch):
+    model = run.models[0]
+    model.train()
+    maps = explain.gradient_weighted_attention(model, batch)
+    assert model.training and all(p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        out = model(batch)
+    assert set(maps) == {name + explain.GRADIENT_WEIGHTED for name in out.attentions}
+    for name, volume in maps.items():
+        assert volume.shape == (2, *SIZE) and volume.min() >= 0
+        cells = math.prod(out.attention_grids[name.removesuffix(explain.GRADIENT_WEIGHTED)])
+        mass = volume.mean(dim=(1, 2, 3)) * cells  # 1, or 0 for a map without a positive part
+        assert all(torch.isclose(m, torch.tensor(1.0)) or m == 0 for m in mass)
+    assert any(volume.std() > 0 for volume in maps.values())  # not all flat
+    model.eval()
+
+
 def _volumes():
     brain = np.ones((4, 8, 8), dtype=bool)
     brain[:, :, 0] = False
@@ -161,7 +178,7 @@ def test_localisation_table_scores_every_method_of_each_patient(run, smoke_cohor
     table = explain.localisation_table(run, smoke_cohort / "manifest.csv", ids)
     with pytest.raises(IchproError, match="'nobody' is not in manifest"):
         explain.localisation_table(run, smoke_cohort / "manifest.csv", ["nobody"])
-    methods = {*run.models[0].fusion.map_grids, explain.GRAD_CAM}
+    methods = set(explain.map_grids(run))  # the attention maps, their gradient-weighted maps, Grad-CAM
     assert list(table.columns) == ["patient_id", "label", "method", *explain.MEASURES]
     assert len(table) == 2 * len(methods) and set(table["method"]) == methods
     assert (table.groupby("patient_id")["volume_share"].nunique() == 1).all()

@@ -136,15 +136,18 @@ def test_compare_counterfactuals_states_each_runs_mean_against_the_oracles():
 def _localisation():
     rows = []
     for method, ratios, hits in [("stage1_cmaf_text_to_vision", [1.0, 1.02], [False, False]),
+                                 ("stage1_cmaf_text_to_vision_x_gradient", [2.0, 1.0], [True, False]),
                                  (GRAD_CAM, [6.0, 2.0], [True, False])]:
         for pid, label, ratio, hit in zip(["a", "b"], [0, 1], ratios, hits):
             rows.append({"patient_id": pid, "label": label, "method": method, "ratio": ratio,
                          "pointing_hit": hit})
     table = pd.DataFrame(rows)
-    summary = pd.DataFrame({"ratio": [1.01, 4.0], "median_ratio": [1.01, 4.0], "share_above_1": [0.5, 1.0],
-                            "grid_ceiling": [10.0, 30.0], "pointing_hit_rate": [0.0, 0.5],
-                            "pointing_ci_low": [0.0, 0.01], "pointing_ci_high": [0.84, 0.99],
-                            "pointing_chance": [0.05, 0.05]}, index=["stage1_cmaf_text_to_vision", GRAD_CAM])
+    summary = pd.DataFrame({"ratio": [1.01, 1.5, 4.0], "median_ratio": [1.01, 1.5, 4.0],
+                            "share_above_1": [0.5, 0.5, 1.0], "grid_ceiling": [10.0, 10.0, 30.0],
+                            "pointing_hit_rate": [0.0, 0.5, 0.5], "pointing_ci_low": [0.0, 0.01, 0.01],
+                            "pointing_ci_high": [0.84, 0.99, 0.99], "pointing_chance": [0.05, 0.05, 0.05]},
+                           index=["stage1_cmaf_text_to_vision", "stage1_cmaf_text_to_vision_x_gradient",
+                                  GRAD_CAM])
     return table, summary
 
 
@@ -154,8 +157,10 @@ def test_localisation_readings_are_written_from_the_numbers():
     assert ("stage 1 CMAF: text → vision (stage1_cmaf_text_to_vision): mean ratio 1.01 (median 1.01, "
             "50% of") in said
     assert "Grad-CAM (bad) good 6.00, bad 2.00" in said
-    assert "most mass on the haematoma is stage1_cmaf_text_to_vision: 1.01 times uniform on average, " \
-           "against 4.00 for Grad-CAM" in said
+    assert "stage 1 CMAF: text → vision × gradient (stage1_cmaf_text_to_vision_x_gradient)" in said
+    assert ("most mass on the haematoma, as attended: stage1_cmaf_text_to_vision, 1.01 times uniform on "
+            "average; weighted by its gradient: stage1_cmaf_text_to_vision_x_gradient, 1.50 times uniform "
+            "on average; Grad-CAM: 4.00.") in said
     assert "Within 5% of uniform (ratio 0.95-1.05): stage1_cmaf_text_to_vision" in said
     assert "Within" not in "\n".join(localisation_readings(summary, table, flat_within=0.001))
 
@@ -166,7 +171,8 @@ def test_localisation_figure_labels_its_axes():
     ratios, pointing = fig.axes
     assert ratios.get_yscale() == "log" and ratios.get_ylabel() == "mass inside / volume share (log)"
     labels = [t.get_text() for t in pointing.get_xticklabels()]
-    assert labels == ["stage 1 CMAF: text → vision", "Grad-CAM (bad)"]
+    assert labels == ["stage 1 CMAF: text → vision", "stage 1 CMAF: text → vision × gradient",
+                      "Grad-CAM (bad)"]
     assert pointing.get_ylabel() == "share of patients"
     plt.close(fig)
 

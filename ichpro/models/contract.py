@@ -49,11 +49,12 @@ class ModelOutput:
         (B, *size). The fusion grid spans the whole model input, so ``size`` = the input's
         (D, H, W) puts the map in the preprocessed CT's voxel space. For a joint (Self) map only
         the vision half of the keys is kept; for CMAF's vision-to-text map the keys are the
-        text pseudo-volume's positions, which TRT aligns with the same grid.
+        text pseudo-volume's positions, which TRT aligns with the same grid. A map without mass
+        stays all zero.
         """
         grid = self.attention_grids[name]
         received = self.attentions[name].float().mean(dim=(1, 2))[:, : math.prod(grid)]
-        received = received / received.sum(dim=1, keepdim=True)
+        received = received / received.sum(dim=1, keepdim=True).clamp_min(torch.finfo(received.dtype).tiny)
         volume = F.interpolate(received.reshape(-1, 1, *grid), size=size, mode="trilinear",
                                align_corners=False)
         return volume[:, 0]

@@ -17,7 +17,7 @@ from matplotlib.colors import LogNorm, Normalize
 from sklearn.metrics import roc_auc_score
 
 from ichpro.experiments import CEILINGS
-from ichpro.explain import GRAD_CAM, attention_in_mask, brain_of, patient_volumes
+from ichpro.explain import GRAD_CAM, GRADIENT_WEIGHTED, attention_in_mask, brain_of, patient_volumes
 from ichpro.predict import TrainedRun
 from ichpro.pretrain import pretrained_path
 from ichpro.reports import field_status
@@ -32,8 +32,13 @@ FIELD_NAMES = {"gcs": "GCS"}  # report fields as a title names them (others: as 
 
 
 def short(method: str) -> str:
-    """The display name of a map: an attention map's stage, block and direction, or Grad-CAM's."""
-    return "Grad-CAM (bad)" if method == GRAD_CAM else attention_map_label(method)
+    """The display name of a map: an attention map's stage, block and direction (× gradient when
+    gradient-weighted), or Grad-CAM's."""
+    if method == GRAD_CAM:
+        return "Grad-CAM (bad)"
+    if method.endswith(GRADIENT_WEIGHTED):
+        return attention_map_label(method.removesuffix(GRADIENT_WEIGHTED)) + " × gradient"
+    return attention_map_label(method)
 
 
 @dataclass
@@ -328,11 +333,12 @@ def localisation_readings(summary: pd.DataFrame, table: pd.DataFrame, flat_withi
     lines.append("\nmean ratio by outcome: " + "; ".join(
         f"{short(m)} good {by_class.loc[m, 0]:.2f}, bad {by_class.loc[m, 1]:.2f}" for m in summary.index))
     attention = summary.drop(index=GRAD_CAM, errors="ignore")["ratio"]
-    best = attention.idxmax()
-    grad_cam = (f", against {summary.loc[GRAD_CAM, 'ratio']:.2f} for Grad-CAM"
-                if GRAD_CAM in summary.index else "")
-    lines.append(f"\nThe attention map with the most mass on the haematoma is {best}: "
-                 f"{attention[best]:.2f} times uniform on average{grad_cam}.")
+    weighted = attention.index.str.endswith(GRADIENT_WEIGHTED)
+    grad_cam = (f"; Grad-CAM: {summary.loc[GRAD_CAM, 'ratio']:.2f}" if GRAD_CAM in summary.index else "")
+    best = [f"{kind} {ratios.idxmax()}, {ratios.max():.2f} times uniform on average"
+            for kind, ratios in (("as attended:", attention[~weighted]),
+                                 ("weighted by its gradient:", attention[weighted])) if len(ratios)]
+    lines.append(f"\nThe attention map with the most mass on the haematoma, {'; '.join(best)}{grad_cam}.")
     flat = [m for m, r in attention.items() if abs(r - 1) < flat_within]
     if flat:
         lines.append(f"Within {flat_within:.0%} of uniform (ratio {1 - flat_within:.2f}-"
