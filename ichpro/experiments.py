@@ -83,7 +83,7 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
         Row("Text only, no Hospital Stay", None, "report_no_stay", {"modality": "text"}, "ce",
             drop_stay=True),
         Row("ICHPro, no Hospital Stay", None, drop_stay=True),
-        Row("ICHPro, no vision dropout", None, model={"vision_dropout": 0.0}),
+        Row("ICHPro, no numbers term", None, loss="vtmf,numbers=0"),
     ]),
     "table2_fusion": ("2_fusion", [
         Row("Self", "Self Attention", model={"fusion": "self"}),
@@ -149,12 +149,14 @@ ADDED_TERMS = ("numbers",)
 def row_loss(profile: Profile, row: Row, model: ModelConfig) -> LossConfig:
     """The loss a row trains with: its own terms (or the profile's), plus the profile's
     :data:`ADDED_TERMS` when the row's ICHPro model reads the report, and never when it does not
-    (a vision-only model or a comparator)."""
+    (a vision-only model or a comparator). A row that names an added term keeps its own weight;
+    weight 0 leaves the term out."""
     terms = profile.loss.terms if row.loss is None else parse_loss_spec(row.loss)
     named = {name for name, _ in terms}
     reads_report = model.modality != "vision" and not model.comparator
     added = tuple(term for term in profile.loss.terms if term[0] in ADDED_TERMS and term[0] not in named)
-    terms = tuple(term for term in terms + added if reads_report or term[0] not in ADDED_TERMS)
+    terms = tuple((name, weight) for name, weight in terms + added
+                  if name not in ADDED_TERMS or (reads_report and weight > 0))
     return replace(profile.loss, terms=terms)
 
 

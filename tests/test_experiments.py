@@ -107,9 +107,10 @@ def test_the_numbers_term_goes_to_every_row_reading_the_report_and_to_no_other()
     for name in ("Vision only", "Small 3D CNN", "Concatenation late fusion"):
         assert row_profile(with_numbers, by_name[name]).loss.terms == (("ce", 1.0),)
         assert row_folder("out", SMOKE, by_name[name], 0) == row_folder("out", with_numbers, by_name[name], 0)
-    # a row that names the term keeps its own weight
+    # a row that names the term keeps its own weight; weight 0 leaves it out
     own = Row("CE + numbers", loss="ce,numbers=1")
     assert row_profile(with_numbers, own).loss.terms == (("ce", 1.0), ("numbers", 1.0))
+    assert row_profile(with_numbers, by_name["ICHPro, no numbers term"]).loss == SMOKE.loss
 
 
 def test_drop_stay_rows_see_reports_without_hospital_stay():
