@@ -23,9 +23,10 @@ three, which is what the learning rate is chosen on (the vision dropout, which c
 on ICHPro's); CMAF's text -> vision localisation on 40 patients (half per outcome; mass ratio, 1 =
 uniform, and pointing-game hit rate); and the counterfactual of notebook 11 on 24 good-outcome
 patients (GCS -> 5, age -> 85: ICHPro's mean change of P(bad), the oracle's, and how often their
-signs agree). Runs are keyed by their config, so variants share the rows they do not change. Unlike the speed
-benchmarks it uses the real pretrained encoders, in the cache ``make reproduce`` fills (``--cache``),
-where each variant's pretraining has its own key.
+signs agree); the same localisation for the map weighted by its gradient
+(``ichpro.explain.gradient_weighted_attention``). Runs are keyed by their config, so variants share
+the rows they do not change. Unlike the speed benchmarks it uses the real pretrained encoders, in the
+cache ``make reproduce`` fills (``--cache``), where each variant's pretraining has its own key.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from sklearn.metrics import roc_auc_score
 from ichpro.cohort import ensure_cohort
 from ichpro.config import cache_root, get_profile
 from ichpro.experiments import row_folder, run_rows, table_rows
-from ichpro.explain import counterfactual_table, localisation_summary, localisation_table
+from ichpro.explain import GRADIENT_WEIGHTED, counterfactual_table, localisation_summary, localisation_table
 from ichpro.losses import VTMF
 from ichpro.manifest import load_manifest
 from ichpro.predict import load_run
@@ -119,7 +120,8 @@ def main(argv: list[str] | None = None) -> None:
         table.append([name, *(roc_auc_score(p["label"], p["p_bad"]) for p in predictions.values()),
                       *(f"{c.max():.3f} ({int(c.idxmax())})" for c in curves),
                       sum(c.max() for c in curves) / len(curves),
-                      located.loc[MAP, "ratio"], located.loc[MAP, "pointing_hit"],
+                      *(located.loc[m, measure] for m in (MAP, MAP + GRADIENT_WEIGHTED)
+                        for measure in ("ratio", "pointing_hit")),
                       f"{edited['model mean ΔP(bad)']:+.3f} ({edited['oracle mean ΔP(bad)']:+.3f})",
                       edited["same sign as the oracle"]])
     common.print_table(
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
         "(never the reference cohort)",
         ["variant", *(f"{r} AUC" for r in ROWS), *(f"{r} best inner-val AUC (epoch)" for r in ROWS),
          "mean best inner-val AUC", "CMAF text->vision ratio", "pointing hit rate",
+         "× gradient: ratio", "pointing hit rate",
          "ICHPro mean ΔP(bad) (oracle)", "same sign"], table,
         [f"Variants: {', '.join(f'{k} = {v}' for k, v in VARIANTS.items() if k in args.variants)}.",
          "Out-of-fold AUC over the design cohort; inner-validation AUC averaged over the 5 folds per "
