@@ -364,7 +364,11 @@ def test_map_grids_and_feature_grid_name_each_map_s_grid(run, batch):
     grids = explain.map_grids(run)
     assert set(grids) == set(explain.patient_maps(run, {k: v[:1] for k, v in batch.items()}))
     assert grids[explain.GRAD_CAM] == tuple(model.vision(batch["ct"]).shape[2:])
-    assert {k: v for k, v in grids.items() if k != explain.GRAD_CAM} == model.fusion.map_grids
+    weighted = {k.removesuffix(explain.GRADIENT_WEIGHTED): v for k, v in grids.items()
+                if k.endswith(explain.GRADIENT_WEIGHTED)}
+    raw = {k: v for k, v in grids.items()
+           if k != explain.GRAD_CAM and not k.endswith(explain.GRADIENT_WEIGHTED)}
+    assert raw == weighted == model.fusion.map_grids  # a weighted map lies on its attention map's grid
     comparator = build_comparator("quantification", SMOKE.model).eval()
     ct = torch.zeros(1, 1, *SMOKE.model.comparator_input)
     assert feature_grid(comparator, {"ct": ct}) == tuple(comparator.encoder(ct).shape[2:])
