@@ -10,8 +10,8 @@ Variants of the profile (``VARIANTS``):
 * ``earlier``: the vision pretraining before the image findings (batches of 8, 10 epochs,
   segmentation and volume only);
 * ``lr3e-4``, ``lr3e-3``: the profile with another learning rate;
-* ``no-dropout``, ``dropout0.3``, ``dropout0.7``: the profile with another share of training samples
-  whose vision grid the fusion does not see (``ModelConfig.vision_dropout``);
+* ``no-dropout``, ``dropout0.3``, ``dropout0.5``, ``dropout0.7``: the profile with that share of
+  training samples whose vision grid the fusion does not see (``ModelConfig.vision_dropout``);
 * ``numbers1``, ``numbers3``, ``numbers10``: ICHPro's loss with the ``numbers`` term beside VTMF at
   weight 1, 3 or 10 (the fused representation also regresses the patient's age and GCS;
   ``ichpro.losses``);
@@ -56,6 +56,7 @@ VARIANTS = {
     "lr3e-3": {"train": {"lr": 3e-3}},
     "no-dropout": {"model": {"vision_dropout": 0.0}},
     "dropout0.3": {"model": {"vision_dropout": 0.3}},
+    "dropout0.5": {"model": {"vision_dropout": 0.5}},
     "dropout0.7": {"model": {"vision_dropout": 0.7}},
     "numbers1": {"loss": {"terms": (*VTMF, ("numbers", 1.0))}},
     "numbers3": {"loss": {"terms": (*VTMF, ("numbers", 3.0))}},
