@@ -25,7 +25,7 @@ from ichpro.manifest import haematoma_volumes
 from ichpro.models import ICHPro, PrognosisModel
 from ichpro.models.comparators import clinical_tensor
 from ichpro.runtime import SINGLE_PROCESS, Distributed
-from ichpro.text import TextBackbone, mask_tokens, tokenize
+from ichpro.text import IGNORE_INDEX, TextBackbone, mask_tokens, tokenize
 
 #: batch keys made by encoding every patient once with the profile's frozen encoders
 ENCODED = ("vision_features", "text_states", "masked_text_states")
@@ -52,6 +52,8 @@ class BatchSource:
     ``text_states``           (N, L, H) the frozen text encoder's states of the report
     ``masked_text_states``    (variants, N, L, H) of masked reports, with ``mlm_labels``
     ``mlm_input_ids``         drawn at every training step, with ``mlm_labels``
+    ``mlm_decoded``           (training, batched fits) how many positions the MLM head decodes
+    ``vision_dropout_draw``   (training) a uniform draw per patient (``training_draws``)
     ``clinical``              (N, F) raw clinical fields (:func:`~ichpro.models.comparators.clinical_tensor`)
     ``gcs``, ``age``          (N,) raw values (from the column or the report)
     ``volume_ml``             (N,) the true haematoma volume (:func:`ichpro.manifest.haematoma_volumes`)
@@ -73,6 +75,7 @@ class BatchSource:
         self.masked: dict[str, torch.Tensor] = {}  # masked_text_states, mlm_labels: (variants, N, ...)
         self.cache_hits: dict[str, bool] = {}
         self.keys: set[str] = set()
+        self.draws: tuple[str, ...] = ()  # the model's training_draws
 
     def cts(self, idx: Iterable[int]) -> torch.Tensor:
         """The preprocessed CTs (B, 1, D, H, W) of the patients ``idx``, from the dataset (and its cache)."""
@@ -89,6 +92,7 @@ class BatchSource:
         """
         inputs = set(model.inputs)
         self.keys = inputs | set(model.targets) if with_targets else inputs - set(MASKED_REPORTS)
+        self.draws = tuple(model.training_draws)
         if self.keys & set(ENCODED):
             cfg = self.profile.model
             if ("vision_features" in self.keys and not cfg.freeze_vision) or (
@@ -167,11 +171,13 @@ class BatchSource:
                 [states(variant) for variant in masked_ids])})
 
     def training_patients(self, idx: np.ndarray) -> dict[str, torch.Tensor]:
-        """What ``PrognosisModel.fit_training_patients`` reads of the patients ``idx``."""
+        """What ``PrognosisModel.fit_training_patients`` reads of the patients ``idx``, and
+        ``cohort_words``: every token of every report of the cohort (the MLM head's decoded words)."""
         held = dict(self.tokens)
         if "clinical" in self.features:
             held["clinical"] = self.features["clinical"]
-        return {k: v[idx] for k, v in held.items()}
+        words = self.tokens["input_ids"][self.tokens["attention_mask"].bool()]
+        return {**{k: v[idx] for k, v in held.items()}, "cohort_words": words}
 
     def _store(self, into: dict[str, torch.Tensor], key: str, compute) -> None:
         folder = None if self.cache_dir is None else self.cache_dir / "features"
@@ -182,9 +188,9 @@ class BatchSource:
               generator: torch.Generator | None = None) -> dict[str, Any]:
         """The batch of patients ``idx`` (indices into the manifest).
 
-        A training batch (``epoch`` from 1) also holds the labels and the masked report: the cached
-        variant of the epoch, or one drawn with ``generator``. Without ``epoch`` the batch holds the
-        inputs only, as at prediction.
+        A training batch (``epoch`` from 1) also holds the labels, the masked report (the cached
+        variant of the epoch, or one drawn with ``generator``) and the model's ``training_draws``
+        (drawn with ``generator``). Without ``epoch`` the batch holds the inputs only, as at prediction.
         """
         batch = {k: v[idx].to(device) for k, v in {**self.tokens, **self.features}.items()}
         if "ct" in self.keys and "ct" not in batch:
@@ -198,8 +204,21 @@ class BatchSource:
             masked, labels = mask_tokens(batch["input_ids"].cpu(), self.tokenizer,
                                          self.profile.loss.mlm_probability, generator)
             batch["mlm_input_ids"], batch["mlm_labels"] = masked.to(device), labels.to(device)
+        for key in self.draws:
+            batch[key] = torch.rand(len(idx), generator=generator).to(device)
         batch["labels"] = self.labels[idx].to(device)
         return batch
+
+
+def stack_batches(members: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, Any]:
+    """The batches of several members of a batched fit (:mod:`ichpro.ensemble`), of one shape,
+    stacked along a new leading member dimension. With masked reports, ``mlm_decoded`` (shared by the
+    members) is the most masked positions any member's batch has: the MLM head decodes that many
+    positions of each member (:class:`~ichpro.models.heads.MLMHead`)."""
+    stacked: dict[str, Any] = {key: torch.stack([batch[key] for batch in members]) for key in members[0]}
+    if "mlm_labels" in stacked:
+        stacked["mlm_decoded"] = int((stacked["mlm_labels"] != IGNORE_INDEX).flatten(1).sum(1).max())
+    return stacked
 
 
 def batches(indices: np.ndarray, batch_size: int, generator: torch.Generator | None,

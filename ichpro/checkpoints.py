@@ -31,7 +31,13 @@ def save_weights(path: Path, module: nn.Module) -> None:
         if key.startswith(skip) or (value.numel() and value.data_ptr() in seen):
             continue
         seen.add(value.data_ptr())
-        state[key] = value.detach().cpu().contiguous().clone()
+        state[key] = value
+    save_tensors(path, state)
+
+
+def save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Save named tensors as safetensors, atomically (copied to the CPU, contiguous)."""
+    state = {key: value.detach().cpu().contiguous().clone() for key, value in tensors.items()}
     atomic_write(path, lambda p: save_file(state, str(p)))
 
 

@@ -42,7 +42,7 @@ from ichpro.reports import drop_field
 from ichpro.runtime import resolve_device
 from ichpro.train import (
     OOF_FILE,
-    cross_validate,
+    cross_validate_seeds,
     prepare_vision_weights,
     read_predictions,
     uses_pretrained_vision,
@@ -193,64 +193,72 @@ def row_folder(out: Path, profile: Profile, row: Row, seed: int) -> Path:
 def train_rows(jobs: list[tuple[Row, int]], profile: Profile, manifest: pd.DataFrame, out: str | Path, *,
                resume: bool = False, quiet: bool = False, cache_dir: Path | None = None,
                train: Callable | None = None, workers: int = 1) -> None:
-    """Cross-validate every ``(row, seed)`` job whose run is not finished yet.
+    """Cross-validate every ``(row, seed)`` job whose run is not finished yet; a row's seeds train
+    together (:func:`ichpro.train.cross_validate_seeds`: one batched fit of their folds).
 
     A finished run is left alone; an interrupted one continues with ``resume``. ``workers`` > 1
-    trains that many runs at once, each in its own process with ``cores // workers`` threads (on a
-    CPU, small training steps use two threads poorly; ``bench/row_workers.py`` measures the gain).
-    A line per finished run is printed unless ``quiet``; the fold and epoch progress bars only on a
-    terminal and with one worker. ``train`` (default :func:`ichpro.train.cross_validate`) fits one
-    run; with several workers it must be a module-level function.
+    trains that many rows at once, each in its own process with ``cores // workers`` threads (on a
+    CPU, two batched fits on one thread each outrun one on two threads: ``bench/batched_fit.py``). A
+    line per trained row is printed unless ``quiet``; the progress bars only on a terminal and with
+    one worker. ``train`` (default :func:`ichpro.train.cross_validate_seeds`) fits one row's seeds;
+    with several workers it must be a module-level function. Each seed's ``timing.json`` holds its
+    share of the row's time.
     """
-    folders = {(row.name, s): row_folder(out, profile, row, s) for row, s in jobs}
-    todo = [(row, s) for row, s in jobs if not (folders[row.name, s] / OOF_FILE).is_file()]
-    options = {"profile": profile, "manifest": manifest, "resume": resume, "cache_dir": cache_dir,
+    rows: dict[str, tuple[Row, list[int]]] = {}
+    for row, s in jobs:
+        if not (row_folder(out, profile, row, s) / OOF_FILE).is_file():
+            rows.setdefault(row.name, (row, []))[1].append(s)
+    todo = list(rows.values())
+    options = {"profile": profile, "manifest": manifest, "out": out, "resume": resume, "cache_dir": cache_dir,
                "train": train}
     for trained in {row_profile(profile, row) for row, _ in todo}:  # once, before any worker starts
         prepare_vision_weights(trained, quiet)
     if workers <= 1 or len(todo) <= 1:
-        for i, (row, s) in enumerate(todo, 1):
+        for i, (row, seeds) in enumerate(todo, 1):
             if not quiet:
-                print(f"[{i}/{len(todo)}] {row.name}{_seed_label(row, s)}: training in "
-                      f"{folders[row.name, s]}", flush=True)
-            _train_row(row, s, folders[row.name, s], quiet=quiet or not sys.stderr.isatty(), **options)
+                print(f"[{i}/{len(todo)}] {row.name}{_seeds_label(seeds)}: training in "
+                      f"{row_folder(out, profile, row, seeds[0]).parent}", flush=True)
+            _train_row(row, seeds, quiet=quiet or not sys.stderr.isatty(), **options)
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(threads,)) as pool:
-        futures = {pool.submit(_train_row, row, s, folders[row.name, s], quiet=True, **options): (row, s)
-                   for row, s in todo}
+        futures = {pool.submit(_train_row, row, seeds, quiet=True, **options): (row, seeds)
+                   for row, seeds in todo}
         if not quiet:
-            print(f"training {len(todo)} runs, {min(workers, len(todo))} at once ({threads} thread(s) each)",
+            print(f"training {len(todo)} rows, {min(workers, len(todo))} at once ({threads} thread(s) each)",
                   flush=True)
         for i, future in enumerate(as_completed(futures), 1):
             seconds = future.result()
-            row, s = futures[future]
+            row, seeds = futures[future]
             if not quiet:
-                print(f"[{i}/{len(todo)}] {row.name}{_seed_label(row, s)}: done in {seconds:.0f} s",
+                print(f"[{i}/{len(todo)}] {row.name}{_seeds_label(seeds)}: done in {seconds:.0f} s",
                       flush=True)
 
 
 def default_workers(profile: Profile) -> int:
-    """Runs to train at once for rows on cached encoder outputs: one per core (at most 4) on a CPU,
-    one on a GPU. Image networks trained from scratch are convolution-bound and train faster one
-    run at a time on every core (``bench/row_workers.py``)."""
+    """Rows to train at once: one per core (at most 4) on a CPU, one on a GPU. Image networks trained
+    from scratch are convolution-bound and train faster one run at a time on every core
+    (``bench/batched_fit.py``)."""
     return min(4, os.cpu_count() or 1) if resolve_device(profile.train.device).type == "cpu" else 1
 
 
-def _seed_label(row: Row, seed: int) -> str:
-    return f" (seed {seed})" if row.seeds > 1 else ""
+def _seeds_label(seeds: list[int]) -> str:
+    return f" (seed {seeds[0]})" if len(seeds) == 1 else f" (seeds {seeds[0]}-{seeds[-1]})"
 
 
-def _train_row(row: Row, seed: int, folder: Path, *, profile: Profile, manifest: pd.DataFrame, resume: bool,
-               quiet: bool, cache_dir: Path | None, train: Callable | None) -> float:
-    """Cross-validate one row with one seed into its folder; returns (and records) the seconds taken."""
-    train = cross_validate if train is None else train
+def _train_row(row: Row, seeds: list[int], *, profile: Profile, manifest: pd.DataFrame, out: str | Path,
+               resume: bool, quiet: bool, cache_dir: Path | None, train: Callable | None) -> float:
+    """Cross-validate one row with its ``seeds`` together; returns the seconds taken and records each
+    seed's share in its folder's ``timing.json``."""
+    train = cross_validate_seeds if train is None else train
+    folders = {s: row_folder(out, profile, row, s) for s in seeds}
     start = time.perf_counter()
-    train(row_profile(profile, row), row_manifest(manifest, row), folder, seed=seed,
-          resume=resume or folder.is_dir(), quiet=quiet, cache_dir=cache_dir)
+    train(row_profile(profile, row), row_manifest(manifest, row), folders,
+          resume=resume or any(f.is_dir() for f in folders.values()), quiet=quiet, cache_dir=cache_dir)
     seconds = time.perf_counter() - start
-    (folder / "timing.json").write_text(json.dumps({"seconds": seconds}) + "\n")
+    for folder in folders.values():
+        (folder / "timing.json").write_text(json.dumps({"seconds": seconds / len(seeds)}) + "\n")
     return seconds
 
 
@@ -375,7 +383,10 @@ def seed_spread(rows: list[Row], profile: Profile, manifest: pd.DataFrame, out: 
     seeds ``seed, seed + 1, ...``: each seed draws its own folds, inner splits and initialisation.
     One line per such row: ``n_seeds``, ``auc_seed_min``, ``auc_seed_max``, ``auc_seed_sd``."""
     lines = []
-    for row in (r for r in rows if r.seeds > 1):
+    seeded = [r for r in rows if r.seeds > 1]
+    train_rows([(r, s) for r in seeded for s in range(seed, seed + r.seeds)], profile, manifest, out,
+               **run_options)
+    for row in seeded:
         aucs = []
         for s in range(seed, seed + row.seeds):
             oof = run_rows([row], profile, manifest, out, seed=s, **run_options)[row.name]

@@ -81,9 +81,11 @@ def _float32(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     return wrapper
 
 
-def _zero(like: torch.Tensor) -> torch.Tensor:
-    """A zero scalar connected to the graph of ``like``, so that backward() still works."""
-    return like.sum() * 0.0
+def _mean_over(values: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` over the ``rows`` that are true, 0 (still in the graph) when none is: no
+    data-dependent shape or branch, so a term also runs under ``torch.func.vmap`` (a batched fit)."""
+    rows = rows.to(values.dtype)
+    return (values * rows).sum() / rows.sum().clamp(min=1)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -134,13 +136,10 @@ def supervised_contrastive(emb: torch.Tensor, labels: torch.Tensor, temperature:
     """SupCon (L_out) within one modality; anchors without a same-label partner are skipped."""
     self_mask = torch.eye(len(emb), dtype=torch.bool, device=emb.device)
     positives = _same_label(labels) & ~self_mask
-    anchors = positives.any(dim=1)
-    if not anchors.any():
-        return _zero(emb)
     logits = (_cosine(emb, emb) / temperature).masked_fill(self_mask, -math.inf)
     log_prob = F.log_softmax(logits, dim=1).masked_fill(~positives, 0.0)
     per_anchor = -log_prob.sum(dim=1) / positives.sum(dim=1).clamp(min=1)
-    return per_anchor[anchors].mean()
+    return _mean_over(per_anchor, positives.any(dim=1))
 
 
 @_float32
@@ -171,10 +170,10 @@ def mlm_loss(mlm_logits: torch.Tensor, mlm_labels: torch.Tensor) -> torch.Tensor
     The model gives logits (N, V) at its N masked positions only; (B, L, V) with -100 labels at the
     unmasked positions works too.
     """
-    if not (mlm_labels != -100).any():
-        return _zero(mlm_logits)
-    return F.cross_entropy(mlm_logits.reshape(-1, mlm_logits.shape[-1]), mlm_labels.reshape(-1).long(),
-                           ignore_index=-100)
+    labels = mlm_labels.reshape(-1).long()
+    per_token = F.cross_entropy(mlm_logits.reshape(-1, mlm_logits.shape[-1]), labels, ignore_index=-100,
+                                reduction="none")
+    return _mean_over(per_token, labels != -100)
 
 
 @_float32
@@ -191,11 +190,9 @@ def _hardest_negative_triplet(similarity: torch.Tensor, labels: torch.Tensor, ma
     """Mean hinge [margin - s_ii + max_{j: y_j != y_i} s_ij]_+ over rows that have a negative."""
     negatives = ~_same_label(labels)
     anchors = negatives.any(dim=1)
-    if not anchors.any():
-        return _zero(similarity)
     hardest = similarity.masked_fill(~negatives, -math.inf).amax(dim=1)
-    hinge = F.relu(margin - similarity.diagonal() + hardest)
-    return hinge[anchors].mean()
+    hinge = F.relu(margin - similarity.diagonal() + hardest).masked_fill(~anchors, 0.0)
+    return _mean_over(hinge, anchors)
 
 
 @_float32
@@ -276,16 +273,17 @@ class CompositeLoss(nn.Module):
                 mlm_logits: torch.Tensor | None = None, mlm_labels: torch.Tensor | None = None,
                 vision_logits: torch.Tensor | None = None, text_logits: torch.Tensor | None = None,
                 numbers: torch.Tensor | None = None, numbers_target: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Return (total = sum of weight . term, {"total": ..., term: unweighted value, ...})."""
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Return (total = sum of weight . term, {"total": ..., term: unweighted value, ...}); the
+        values are detached scalar tensors (no ``.item()``: the loss also runs under ``vmap``)."""
         inputs = {"logits": logits, "vision_embedding": vision_embedding, "text_embedding": text_embedding,
                   "mlm_logits": mlm_logits, "mlm_labels": mlm_labels,
                   "vision_logits": vision_logits, "text_logits": text_logits,
                   "numbers": numbers, "numbers_target": numbers_target}
         values = {name: self._term(name, labels, inputs) for name in self.names}
         total = sum(weight * values[name] for name, weight in self.terms)
-        report = {"total": float(total.detach())}
-        report.update((name, float(value.detach())) for name, value in values.items())
+        report = {"total": total.detach()}
+        report.update((name, value.detach()) for name, value in values.items())
         return total, report
 
     def _term(self, name: str, labels: torch.Tensor, inputs: dict[str, torch.Tensor | None]) -> torch.Tensor:

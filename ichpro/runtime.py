@@ -60,13 +60,13 @@ class Distributed:
         if self.world > 1:
             torch.distributed.barrier()
 
-    def from_main(self, value: float, device: torch.device) -> float:
-        """Rank 0's ``value`` on every rank, so that all ranks take one decision from it."""
+    def from_main(self, values: list[float], device: torch.device) -> list[float]:
+        """Rank 0's ``values`` on every rank, so that all ranks take one decision from them."""
         if self.world == 1:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=device)
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
         torch.distributed.broadcast(tensor, src=0)
-        return float(tensor.item())
+        return tensor.tolist()
 
 
 SINGLE_PROCESS = Distributed()

@@ -34,9 +34,12 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -47,23 +50,18 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 from tqdm.auto import tqdm
 
-from ichpro.batches import BatchSource, batches
+from ichpro.batches import BatchSource, batches, stack_batches
 from ichpro.calibration import IDENTITY, PlattScaling, margin
-from ichpro.checkpoints import (
-    load_optimizer,
-    load_weights,
-    rng_state,
-    save_optimizer,
-    save_weights,
-    set_rng_state,
-)
+from ichpro.checkpoints import read_safetensors, rng_state, save_tensors, set_rng_state
 from ichpro.clinical import CLINICAL_BASELINES, clinical_baseline_cv
 from ichpro.config import Profile
 from ichpro.data import config_hash, make_folds
+from ichpro.ensemble import MemberStack, StackedAdam, draws_global_randomness, trainable_state
 from ichpro.errors import IchproError
+from ichpro.features import named_tensors_digest
 from ichpro.files import atomic_write, file_digest, read_json, write_json
 from ichpro.metrics import classification_metrics
-from ichpro.models import PrognosisModel, build_model
+from ichpro.models import ModelOutput, PrognosisModel, build_model
 from ichpro.models.comparators import (
     build_comparator,
     count_parameters,
@@ -77,6 +75,8 @@ OOF_FILE = "oof_predictions.csv"  # a run's out-of-fold predictions: every patie
 BEST_FILE = "best.safetensors"  # a finished fold's selected weights
 CALIBRATION_FILE = "calibration.json"  # a fold's PlattScaling, beside its best.safetensors
 STATE_FILE = "state.json"  # a fold's last committed epoch
+PREDICTIONS_FILE = "predictions.csv"  # a finished fold's test-fold predictions
+PENDING_FILE = "predictions-pending.csv"  # written for every member of a fit before any is renamed
 
 
 # --------------------------------------------------------------------------- one fold
@@ -146,188 +146,316 @@ def prepare_vision_weights(profile: Profile, quiet: bool = False) -> None:
         ensure_pretrained(profile, quiet)
 
 
-class FoldTrainer:
-    """Fits one fold with checkpoints every epoch; resumes from the fold folder if asked.
+def fresh_state() -> dict[str, Any]:
+    """A fold's training state before its first epoch (what ``state.json`` commits after each)."""
+    return {"epoch": 0, "best_score": -np.inf, "stale": 0, "files": {}, "metrics": []}
 
-    The model (ICHPro or a comparator) computes its own loss (:mod:`ichpro.models.contract`); with
-    several processes DistributedDataParallel wraps it whole, objective included.
+
+@dataclass
+class Member:
+    """One model of a fit: fold ``fold`` of the cross-validation with ``seed``, kept in ``folder``."""
+
+    seed: int
+    fold: Fold
+    folder: Path
+    source: BatchSource
+    state: dict[str, Any] = field(default_factory=fresh_state)
+
+    @property
+    def run_dir(self) -> Path:
+        return self.folder.parent
+
+    def generator(self, epoch: int) -> torch.Generator:
+        """The fold's own random stream of an epoch: batch order, masked reports, training draws."""
+        return torch.Generator().manual_seed(self.seed * 7919 + self.fold.index * 101 + epoch)
+
+    def stopped(self, patience: int | None) -> bool:
+        return patience is not None and self.state["stale"] >= patience
+
+
+class BatchedFit:
+    """Fits several folds, of one seed or several, as one stacked model (:mod:`ichpro.ensemble`).
+
+    Each member keeps what it would have alone: its training patients, batch order and random draws
+    (:meth:`Member.generator`), inner validation split, best-epoch selection, Platt scaling,
+    checkpoints, metrics rows and predictions. A member that stops early (``patience``) sits out the
+    later epochs. A step stacks the members' batches (members whose batches differ in shape run as
+    separate groups of the same forward pass) and one backward trains them all.
+
+    Every epoch is committed as one unit for all members: their files under new names, then each
+    member's ``state.json`` (which keeps the previous commit), then the files of earlier epochs are
+    deleted and the runs' ``metrics.csv`` rebuilt. A kill between two members' commits is undone on
+    resume (the members ahead go back to their previous commit), so a resumed fit replays exactly the
+    uninterrupted one. The fit ends the same way: every member's predictions are written as
+    ``predictions-pending.csv`` before any is renamed to ``predictions.csv``.
     """
 
-    def __init__(self, profile: Profile, source: BatchSource, text: TextBackbone, fold: Fold,
-                 folder: Path, device: torch.device, seed: int, distributed: Distributed, quiet: bool):
-        self.profile, self.source, self.fold, self.folder = profile, source, fold, folder
-        self.device, self.seed, self.distributed, self.quiet = device, seed, distributed, quiet
-        self.model = fresh_model(profile, text, seed).to(device)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.Adam(params, lr=profile.train.lr,
-                                          weight_decay=profile.train.weight_decay)
-        self.ddp_model: nn.Module = self.model
+    def __init__(self, profile: Profile, members: list[Member], template: PrognosisModel,
+                 states: list[dict[str, torch.Tensor]], device: torch.device, distributed: Distributed,
+                 quiet: bool):
+        self.profile, self.members, self.device = profile, members, device
+        self.distributed, self.quiet = distributed, quiet
+        self.stack = MemberStack(template, states).to(device)
+        self.model = template
+        self.optimizer = StackedAdam(self.stack.params, len(members), profile.train.lr,
+                                     profile.train.weight_decay)
+        self.randomness = "different" if draws_global_randomness(template) else "error"
+        self.ddp_stack: nn.Module = self.stack
         if distributed.world > 1:
-            self.ddp_model = nn.parallel.DistributedDataParallel(
-                self.model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.state: dict[str, Any] = {"epoch": 0, "best_score": -np.inf, "stale": 0, "files": {},
-                                      "metrics": []}
-
-    def fit_training_patients(self) -> None:
-        """Let the model fit what it takes from the fold's training patients (after ``source.prepare``)."""
-        self.model.fit_training_patients(
-            {k: v.to(self.device) for k, v in self.source.training_patients(self.fold.train).items()})
+            self.ddp_stack = nn.parallel.DistributedDataParallel(
+                self.stack, device_ids=[device.index] if device.type == "cuda" else None)
 
     # -- persistence
     def resume(self) -> None:
-        """Continue from the last committed epoch in the fold folder, if any: the files its
-        ``state.json`` names, checked against the hashes it holds."""
-        state_path = self.folder / STATE_FILE
-        if not state_path.is_file():
-            return
-        state = read_json(state_path, "the fold's training state")
-        for role, name in state["files"].items():
-            if file_digest(self.folder / name) != state["sha256"][role]:
-                raise IchproError(f"{self.folder / name} is damaged or missing (its hash is not the one "
-                                  f"{STATE_FILE} recorded): delete the folder {self.folder} and run again "
-                                  "with --resume to retrain this fold")
-        load_weights(self.folder / state["files"]["last"], self.model)
-        load_optimizer(self.folder / state["files"]["optimizer"], state.pop("optimizer"), self.optimizer)
-        set_rng_state(state.pop("rng"))
-        self.state = state
+        """Continue from the last committed epoch of each member (the files its ``state.json`` names,
+        checked against the hashes it holds); members one epoch ahead of the others (a kill between
+        two members' commits) go back to their previous commit."""
+        for member in self.members:
+            path = member.folder / STATE_FILE
+            if path.is_file():
+                member.state = read_json(path, "the fold's training state")
+        patience = self.profile.train.patience
+        ahead = max(m.state["epoch"] for m in self.members)
+        if any(m.state["epoch"] < ahead and not m.stopped(patience) for m in self.members):
+            for member in self.members:
+                if member.state["epoch"] == ahead:
+                    member.state = member.state["previous"]
+        for j, member in enumerate(self.members):
+            self._load_state(j, member)
+        if self.distributed.is_main:
+            self._clean_up(m for m in self.members if m.folder.is_dir())
+        self.write_metrics()
 
-    def _checkpoint(self, epoch: int, improved: bool, row: dict[str, Any], run_metrics: Path | None) -> None:
-        """Commit the epoch as one unit: its files under new names, then ``state.json`` naming and
-        hashing them (the commit), then the run's ``metrics.csv`` rebuilt from the committed rows."""
-        files = {"last": f"last-{epoch}.safetensors", "optimizer": f"optimizer-{epoch}.safetensors",
-                 "best": f"best-{epoch}.safetensors" if improved else self.state["files"].get("best")}
-        files = {role: name for role, name in files.items() if name is not None}
-        self.state.update(epoch=epoch, files=files, metrics=[*self.state["metrics"], row])
+    def _load_state(self, j: int, member: Member) -> None:
+        state = member.state
+        for role, name in state["files"].items():
+            if file_digest(member.folder / name) != state["sha256"][role]:
+                raise IchproError(f"{member.folder / name} is damaged or missing (its hash is not the one "
+                                  f"{STATE_FILE} recorded): delete the folder {member.folder} and run again "
+                                  "with --resume to retrain this fold")
+        if state["epoch"] == 0:
+            return
+        self.stack.load_member(j, read_safetensors(member.folder / state["files"]["last"]))
+        self.optimizer.load_member(j, self.stack.trainable, read_safetensors(
+            member.folder / state["files"]["optimizer"]), state["optimizer"])
+        set_rng_state(state["rng"])
+
+    def _commit(self, epoch: int, rows: dict[int, dict[str, Any]], scores: dict[int, float]) -> None:
+        """Commit ``epoch`` for the members that trained it, with their metrics rows and selection
+        scores: their files, then their ``state.json``, then the clean-up (see the class)."""
+        committed = {}
+        for j, row in rows.items():
+            member = self.members[j]
+            previous = {k: v for k, v in member.state.items() if k != "previous"}
+            improved = scores[j] > previous["best_score"]
+            files = {"last": f"last-{epoch}.safetensors", "optimizer": f"optimizer-{epoch}.safetensors",
+                     "best": f"best-{epoch}.safetensors" if improved else previous["files"].get("best")}
+            files = {role: name for role, name in files.items() if name is not None}
+            member.state = {**previous, "epoch": epoch, "files": files,
+                            "metrics": [*previous["metrics"], row],
+                            "best_score": max(scores[j], previous["best_score"]),
+                            "stale": 0 if improved else previous["stale"] + 1, "previous": previous}
+            if not self.distributed.is_main:
+                continue
+            member.folder.mkdir(parents=True, exist_ok=True)
+            weights = self.stack.member_state(j)
+            save_tensors(member.folder / files["last"], weights)
+            if improved:
+                save_tensors(member.folder / files["best"], weights)
+            moments, meta = self.optimizer.member_state(j, self.stack.trainable)
+            save_tensors(member.folder / files["optimizer"], moments)
+            digests = {role: file_digest(member.folder / name) for role, name in files.items()}
+            member.state.update(optimizer=meta, rng=rng_state(), sha256=digests)
+            committed[j] = member
+        for member in committed.values():
+            write_json(member.folder / STATE_FILE, member.state)
+        self._clean_up(committed.values())
+        self.write_metrics()
+
+    def _clean_up(self, members) -> None:
+        """Delete the epoch files no commit names any more (earlier epochs, a commit undone)."""
+        for member in members:
+            for path in member.folder.glob("*-*.safetensors"):
+                if path.name not in member.state["files"].values():
+                    path.unlink()
+
+    def write_metrics(self) -> None:
+        """Each run's ``metrics.csv``: the committed rows of its folds, in fold and epoch order."""
         if not self.distributed.is_main:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        save_weights(self.folder / files["last"], self.model)
-        if improved:
-            save_weights(self.folder / files["best"], self.model)
-        meta = save_optimizer(self.folder / files["optimizer"], self.optimizer)
-        self.state["sha256"] = {role: file_digest(self.folder / name) for role, name in files.items()}
-        write_json(self.folder / STATE_FILE, {**self.state, "optimizer": meta, "rng": rng_state()})
-        for path in self.folder.glob("*-*.safetensors"):  # the files of earlier epochs
-            if path.name not in files.values():
-                path.unlink()
-        self.write_metrics(run_metrics)
+        for run_dir in dict.fromkeys(m.run_dir for m in self.members):
+            rows = [row for fold in sorted(run_dir.glob("fold*"), key=lambda p: int(p.name[4:]))
+                    for row in self._fold_state(fold)["metrics"]]
+            if rows:
+                frame = pd.DataFrame(rows)
+                atomic_write(run_dir / "metrics.csv", lambda p, df=frame: df.to_csv(p, index=False))
 
-    def write_metrics(self, run_metrics: Path | None) -> None:
-        """The run's metrics: the other folds' rows as they are, this fold's committed rows."""
-        if run_metrics is None or not self.distributed.is_main:
-            return
-        rows = pd.DataFrame(self.state["metrics"])
-        if run_metrics.is_file():
-            others = pd.read_csv(run_metrics)
-            rows = pd.concat([others[others["fold"] != self.fold.index], rows], ignore_index=True)
-        atomic_write(run_metrics, lambda p: rows.to_csv(p, index=False))
+    def _fold_state(self, folder: Path) -> dict[str, Any]:
+        member = next((m for m in self.members if m.folder == folder), None)
+        if member is not None:
+            return member.state
+        path = folder / STATE_FILE
+        return read_json(path, "the fold's training state") if path.is_file() else fresh_state()
 
     # -- steps
-    def train_step(self, batch: dict[str, Any], update: bool = True) -> dict[str, float]:
-        """One step: forward with the loss, backward; ``update`` applies and clears the accumulated
-        gradients. Returns the loss terms."""
+    def _train_epoch(self, epoch: int, active: list[int]) -> dict[int, dict[str, float]]:
+        """One epoch of the members ``active``; each one's mean loss terms (``train_<term>``)."""
         cfg = self.profile.train
-        with autocast(self.device, cfg.amp):
-            out = self.ddp_model(batch)
-        if out.loss is None:
-            raise IchproError(f"the training batch lacks what the model's objective reads: labels and "
-                              f"{', '.join(self.model.targets) or 'no more'}")
-        (out.loss / cfg.grad_accumulation).backward()
-        if update:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-        return out.terms
-
-    def _train_epoch(self, epoch: int) -> dict[str, float]:
-        cfg = self.profile.train
-        self.ddp_model.train()
-        for group in self.optimizer.param_groups:
-            group["lr"] = cosine_lr(cfg.lr, epoch, cfg.epochs) if cfg.lr_schedule == "cosine" else cfg.lr
-        generator = torch.Generator().manual_seed(self.seed * 7919 + self.fold.index * 101 + epoch)
-        sums: dict[str, float] = {}
-        n = 0
-        steps = list(batches(self.fold.train, cfg.batch_size, generator, self.distributed))
-        for i, idx in enumerate(tqdm(steps, desc=f"fold {self.fold.index} epoch {epoch}",
-                                     leave=False, disable=self.quiet or not self.distributed.is_main)):
-            update = (i + 1) % cfg.grad_accumulation == 0 or i + 1 == len(steps)
-            terms = self.train_step(self.source.batch(idx, self.device, epoch, generator), update)
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value * len(idx)
-            n += len(idx)
-        return {f"train_{k}": v / max(n, 1) for k, v in sums.items()}
+        self.ddp_stack.train()
+        self.optimizer.lr = cosine_lr(cfg.lr, epoch, cfg.epochs) if cfg.lr_schedule == "cosine" else cfg.lr
+        generators = {j: self.members[j].generator(epoch) for j in active}
+        steps = {j: list(batches(self.members[j].fold.train, cfg.batch_size, generators[j], self.distributed))
+                 for j in active}
+        sums: dict[int, dict[str, float]] = {j: {} for j in active}
+        seen = dict.fromkeys(active, 0)
+        n_steps = max(len(s) for s in steps.values())
+        for i in tqdm(range(n_steps), desc=f"epoch {epoch}", leave=False,
+                      disable=self.quiet or not self.distributed.is_main):
+            stepping = [j for j in active if i < len(steps[j])]
+            member_batches = {j: self.members[j].source.batch(steps[j][i], self.device, epoch, generators[j])
+                              for j in stepping}
+            with autocast(self.device, cfg.amp):
+                loss, terms = self.ddp_stack(_groups(member_batches), randomness=self.randomness)
+            values = {j: {name: float(v) for name, v in terms[j].items()} for j in stepping}
+            if not torch.isfinite(loss):
+                bad = next((j for j in stepping if not np.isfinite(list(values[j].values())).all()),
+                           stepping[0])
+                raise IchproError(f"fold {self.members[bad].fold.index} (seed {self.members[bad].seed}): the "
+                                  f"loss is not finite at epoch {epoch} ({values[bad]}); lower the "
+                                  "learning rate")
+            (loss / cfg.grad_accumulation).backward()
+            self.optimizer.step([j for j in stepping if (i + 1) % cfg.grad_accumulation == 0
+                                 or i + 1 == len(steps[j])])
+            for j in stepping:
+                n = len(steps[j][i])
+                for name, value in values[j].items():
+                    sums[j][name] = sums[j].get(name, 0.0) + value * n
+                seen[j] += n
+        return {j: {f"train_{k}": v / max(seen[j], 1) for k, v in sums[j].items()} for j in active}
 
     @torch.no_grad()
-    def predict_columns(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """``margin`` (the log-odds of a bad outcome, :func:`ichpro.calibration.margin`) of the given
-        patients with the current weights, and the model's auxiliary predictions."""
-        self.model.eval()
-        columns: dict[str, list[torch.Tensor]] = {}
-        for idx in batches(indices, self.profile.train.batch_size, None):
-            with autocast(self.device, self.profile.train.amp):
-                out = self.model(self.source.batch(idx, self.device))
-            declared = {name: out.auxiliary[name] for name in self.model.auxiliary_tasks}
-            for name, value in {"margin": margin(out.logits), **declared}.items():
-                columns.setdefault(name, []).append(value.cpu())
-        return {name: torch.cat(values).double().numpy() for name, values in columns.items()}
+    def predict_columns(self, indices: dict[int, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
+        """``margin`` (the log-odds of a bad outcome, :func:`ichpro.calibration.margin`) of each
+        member's patients ``indices[member]`` with its current weights, and the model's auxiliary
+        predictions."""
+        self.stack.eval()
+        chunks = {j: list(batches(idx, self.profile.train.batch_size, None)) for j, idx in indices.items()}
+        columns: dict[int, dict[str, list[torch.Tensor]]] = {j: {} for j in indices}
+        tasks = self.model.auxiliary_tasks
 
-    def _validate(self) -> dict[str, float]:
-        p = IDENTITY.p_bad(self.predict_columns(self.fold.val)["margin"])
-        labels = self.source.labels[self.fold.val].numpy()
-        eps = 1e-7
-        loss = -np.mean(labels * np.log(p + eps) + (1 - labels) * np.log(1 - p + eps))
-        auc = classification_metrics(labels, p)["auc"]
-        return {"val_loss": float(loss), "val_auc": float(auc)}
+        def read(out: ModelOutput) -> dict[str, torch.Tensor]:
+            return {"margin": margin(out.logits), **{name: out.auxiliary[name] for name in tasks}}
 
-    def calibrate(self) -> PlattScaling:
-        """The selected model's recalibration (``TrainConfig.calibration``), fitted on the inner
-        validation split and saved to ``calibration.json`` in the fold folder."""
-        if self.profile.train.calibration == "none":
-            return IDENTITY
-        scaling = PlattScaling.fit(self.predict_columns(self.fold.val)["margin"],
-                                   self.source.labels[self.fold.val].numpy())
-        if self.distributed.is_main:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            write_json(self.folder / CALIBRATION_FILE, asdict(scaling))
-        return scaling
+        for i in range(max((len(c) for c in chunks.values()), default=0)):
+            member_batches = {j: self.members[j].source.batch(c[i], self.device) for j, c in chunks.items()
+                              if i < len(c)}
+            for members, batch in _groups(member_batches):
+                with autocast(self.device, self.profile.train.amp):
+                    out = self.stack.run(members, batch, read, self.randomness)
+                for k, j in enumerate(members):
+                    for name, value in out.items():
+                        columns[j].setdefault(name, []).append(value[k].cpu())
+        return {j: {name: torch.cat(values).double().numpy() for name, values in c.items()}
+                for j, c in columns.items()}
 
-    def fit(self, run_metrics: Path | None) -> pd.DataFrame:
-        """Train to the end (or early stop), then predict the test fold with the best checkpoint."""
+    def _validate(self, active: list[int]) -> dict[int, dict[str, float]]:
+        margins = self.predict_columns({j: self.members[j].fold.val for j in active})
+        rows = {}
+        for j in active:
+            p = IDENTITY.p_bad(margins[j]["margin"])
+            labels = self.members[j].source.labels[self.members[j].fold.val].numpy()
+            eps = 1e-7
+            loss = -np.mean(labels * np.log(p + eps) + (1 - labels) * np.log(1 - p + eps))
+            rows[j] = {"val_loss": float(loss), "val_auc": float(classification_metrics(labels, p)["auc"])}
+        return rows
+
+    def fit(self) -> None:
+        """Train every member to the end (or its early stop), then predict its test fold with its best
+        checkpoint, recalibrated (``predictions.csv`` in its folder)."""
         cfg = self.profile.train
-        if self.state["metrics"]:  # a resumed fold: its committed rows, whatever the last kill left
-            self.write_metrics(run_metrics)
-        epochs = tqdm(range(self.state["epoch"] + 1, cfg.epochs + 1), desc=f"fold {self.fold.index}",
-                      leave=False, disable=self.quiet or not self.distributed.is_main)
-        for epoch in epochs:
-            if cfg.patience is not None and self.state["stale"] >= cfg.patience:
+        if all(m.state["epoch"] == 0 for m in self.members):  # the global stream, for dropout layers
+            torch.manual_seed(self.members[0].seed * 7919 + self.members[0].fold.index * 101)
+        first = min(m.state["epoch"] for m in self.members if not m.stopped(cfg.patience)) + 1 if any(
+            not m.stopped(cfg.patience) for m in self.members) else cfg.epochs + 1
+        for epoch in tqdm(range(first, cfg.epochs + 1), desc="epochs", leave=False,
+                          disable=self.quiet or not self.distributed.is_main):
+            active = [j for j, m in enumerate(self.members) if not m.stopped(cfg.patience)]
+            if not active:
                 break
             start = time.perf_counter()
-            row = {"fold": self.fold.index, "epoch": epoch, **self._train_epoch(epoch), **self._validate()}
-            row["seconds"] = round(time.perf_counter() - start, 3)
-            score = row["val_auc"] if np.isfinite(row["val_auc"]) else -row["val_loss"]
-            # each rank validates with its own BatchNorm statistics: rank 0's score decides for all,
-            # so every rank keeps the same epoch and stops at the same one
-            score = self.distributed.from_main(score, self.device)
-            improved = score > self.state["best_score"]
-            if improved:
-                self.state.update(best_score=score, stale=0)
-            else:
-                self.state["stale"] += 1
-            self._checkpoint(epoch, improved, row, run_metrics)
-        best = self.state["files"].get("best")
-        self.distributed.barrier()  # rank 0 has written the best epoch's file before any rank reads it
-        if best is not None:
-            load_weights(self.folder / best, self.model)
-            if self.distributed.is_main:
-                atomic_write(self.folder / BEST_FILE, lambda p: shutil.copyfile(self.folder / best, p))
-        scaling = self.calibrate()
-        columns = self.predict_columns(self.fold.test)
+            trained = self._train_epoch(epoch, active)
+            validated = self._validate(active)
+            seconds = round((time.perf_counter() - start) / len(active), 3)  # each member's share
+            # each rank validates with its own BatchNorm statistics: rank 0's scores decide for all,
+            # so every rank keeps the same epochs and stops at the same one
+            scores = self.distributed.from_main(
+                [r["val_auc"] if np.isfinite(r["val_auc"]) else -r["val_loss"] for r in validated.values()],
+                self.device)
+            rows = {j: {"fold": self.members[j].fold.index, "epoch": epoch, **trained[j], **validated[j],
+                        "seconds": seconds} for j in active}
+            self._commit(epoch, rows, dict(zip(active, scores, strict=True)))
+        self._finish()
+
+    def _finish(self) -> None:
+        """Predict every member's test fold (see the class for how the files are written)."""
+        pending = [m.folder / PENDING_FILE for m in self.members]
+        if not all(p.is_file() for p in pending):
+            self.distributed.barrier()  # rank 0 has written the best epochs' files before any rank reads them
+            for j, member in enumerate(self.members):
+                best = member.state["files"].get("best")
+                if best is not None:
+                    self.stack.load_member(j, read_safetensors(member.folder / best))
+            scalings = self._calibrate()
+            columns = self.predict_columns({j: m.fold.test for j, m in enumerate(self.members)})
+            for j, member in enumerate(self.members):
+                self._write_pending(member, scalings[j], columns[j])
+        self.distributed.barrier()
+        if self.distributed.is_main:
+            for path in pending:
+                publish(path)
+        self.distributed.barrier()
+
+    def _calibrate(self) -> list[PlattScaling]:
+        """Each selected model's recalibration (``TrainConfig.calibration``), fitted on its inner
+        validation split."""
+        if self.profile.train.calibration == "none":
+            return [IDENTITY] * len(self.members)
+        margins = self.predict_columns({j: m.fold.val for j, m in enumerate(self.members)})
+        return [PlattScaling.fit(margins[j]["margin"], m.source.labels[m.fold.val].numpy())
+                for j, m in enumerate(self.members)]
+
+    def _write_pending(self, member: Member, scaling: PlattScaling, columns: dict[str, np.ndarray]) -> None:
+        """A member's selected weights, recalibration and test-fold predictions (as pending)."""
         m = columns.pop("margin")
-        return pd.DataFrame({
-            "patient_id": [self.source.patient_ids[i] for i in self.fold.test],
-            "fold": self.fold.index, "p_bad": scaling.p_bad(m),
-            "label": self.source.labels[self.fold.test].numpy(), "p_bad_uncalibrated": IDENTITY.p_bad(m),
+        frame = pd.DataFrame({
+            "patient_id": [member.source.patient_ids[i] for i in member.fold.test],
+            "fold": member.fold.index, "p_bad": scaling.p_bad(m),
+            "label": member.source.labels[member.fold.test].numpy(), "p_bad_uncalibrated": IDENTITY.p_bad(m),
             **columns,
         })
+        if not self.distributed.is_main:
+            return
+        member.folder.mkdir(parents=True, exist_ok=True)
+        best = member.state["files"].get("best")
+        if best is not None:
+            atomic_write(member.folder / BEST_FILE, lambda p: shutil.copyfile(member.folder / best, p))
+        if self.profile.train.calibration != "none":
+            write_json(member.folder / CALIBRATION_FILE, asdict(scaling))
+        atomic_write(member.folder / PENDING_FILE, lambda p: frame.to_csv(p, index=False))
+
+
+def publish(pending: Path) -> None:
+    """A member's pending predictions become its fold's ``predictions.csv`` (the fold is finished)."""
+    os.replace(pending, pending.with_name(PREDICTIONS_FILE))
+
+
+def _groups(member_batches: dict[int, dict[str, torch.Tensor]]) -> list[tuple[list[int], dict[str, Any]]]:
+    """The members' batches stacked, one group per batch shape (the last batch of an epoch may be
+    smaller for some members than for others)."""
+    by_shape: dict[tuple, list[int]] = {}
+    for j, batch in member_batches.items():
+        by_shape.setdefault(tuple((k, tuple(v.shape)) for k, v in sorted(batch.items())), []).append(j)
+    return [(members, stack_batches([member_batches[j] for j in members])) for members in by_shape.values()]
 
 
 # --------------------------------------------------------------------------- cross-validation
@@ -354,58 +482,81 @@ def run_record(profile: Profile, manifest: pd.DataFrame, seed: int) -> dict[str,
 
 
 def cross_validate(profile: Profile, manifest: pd.DataFrame, run_dir: Path, *, seed: int = 0,
-                   resume: bool = False, quiet: bool = False, cache_dir: Path | None = None,
-                   text: TextBackbone | None = None) -> pd.DataFrame:
-    """Patient-level stratified k-fold CV of ``profile`` on ``manifest``; returns the OOF predictions.
+                   resume: bool = False, quiet: bool = False, cache_dir: Path | None = None) -> pd.DataFrame:
+    """Patient-level stratified k-fold CV of ``profile`` on ``manifest`` with one seed; returns the
+    OOF predictions (:func:`cross_validate_seeds` with one seed)."""
+    return cross_validate_seeds(profile, manifest, {seed: run_dir}, resume=resume, quiet=quiet,
+                                cache_dir=cache_dir)[seed]
 
-    ``resume`` continues an interrupted run in ``run_dir``: finished folds are reused, the current
-    fold restarts after its last saved epoch. A run folder of another config is refused. The
-    trained model's number of trainable parameters goes to ``parameters.json``. A clinical baseline
-    (``ModelConfig.comparator`` in :data:`ichpro.clinical.CLINICAL_BASELINES`) is fitted on the
-    same test folds with scikit-learn instead. A pretrained vision encoder the model reads must
-    exist already (:func:`prepare_vision_weights`).
+
+def cross_validate_seeds(profile: Profile, manifest: pd.DataFrame, runs: Mapping[int, Path], *,
+                         resume: bool = False, quiet: bool = False, cache_dir: Path | None = None
+                         ) -> dict[int, pd.DataFrame]:
+    """Repeated cross-validation: for each ``seed -> run folder`` of ``runs``, patient-level stratified
+    k-fold CV of ``profile`` on ``manifest`` with the seed's own folds, inner splits and
+    initialisation; returns each seed's OOF predictions.
+
+    The unfinished folds of every seed train together as one :class:`BatchedFit` when the model
+    trains on cached encoder outputs (members whose frozen encoders differ, as a seeded random text
+    encoder does, form one fit per seed); a model that encodes the CT at every step, or draws global
+    randomness (dropout), trains one fold at a time. ``resume`` continues interrupted runs: finished
+    folds are reused, the others restart after their last committed epoch. A run folder of another
+    config is refused. The trained model's number of trainable parameters goes to
+    ``parameters.json``. A clinical baseline (``ModelConfig.comparator`` in
+    :data:`ichpro.clinical.CLINICAL_BASELINES`) is fitted on the same test folds with scikit-learn
+    instead. A pretrained vision encoder the model reads must exist already
+    (:func:`prepare_vision_weights`).
     """
-    run_dir = Path(run_dir)
+    runs = {seed: Path(run_dir) for seed, run_dir in runs.items()}
     device = resolve_device(profile.train.device)
     distributed = init_distributed(device)
-    folds = split_folds(manifest["label"].to_numpy(), profile.train.n_folds,
-                        profile.train.val_fraction, seed)
-    record = run_record(profile, manifest, seed)
-    if distributed.is_main:
-        _claim_run_dir(run_dir, record, resume)
+    labels = manifest["label"].to_numpy()
+    folds = {seed: split_folds(labels, profile.train.n_folds, profile.train.val_fraction, seed)
+             for seed in runs}
+    for seed, run_dir in runs.items():
+        if distributed.is_main:
+            _claim_run_dir(run_dir, run_record(profile, manifest, seed), resume)
     distributed.barrier()
     if profile.model.comparator in CLINICAL_BASELINES:
-        return _clinical_baseline(profile.model.comparator, manifest, folds, run_dir, seed, distributed)
-    if text is None:
+        return {seed: _clinical_baseline(profile.model.comparator, manifest, folds[seed], run_dir, seed,
+                                         distributed) for seed, run_dir in runs.items()}
+    # the fits, by what their members share: the frozen encoders (or, trained alone, the seed)
+    fits: dict[str, tuple[PrognosisModel, list[Member], list[dict[str, torch.Tensor]]]] = {}
+    for seed, run_dir in runs.items():
+        todo = [f for f in folds[seed] if not (run_dir / f"fold{f.index}" / PREDICTIONS_FILE).is_file()]
+        if not todo:
+            continue
         text = load_text_backbone(profile.model.text_encoder, reports=manifest["report"].tolist(),
                                   save_dir=run_dir / "text_encoder", seed=seed)
-    source = BatchSource(manifest, profile, text, cache_dir)
-    metrics_path = run_dir / "metrics.csv"
-    predictions, prepared = [], False
-    for fold in tqdm(folds, desc="folds", disable=quiet or not distributed.is_main):
-        done = run_dir / f"fold{fold.index}" / "predictions.csv"
-        if done.is_file():
-            predictions.append(read_predictions(done))
-            continue
-        trainer = FoldTrainer(profile, source, text, fold, run_dir / f"fold{fold.index}", device,
-                              seed, distributed, quiet)
-        if not prepared:  # once per run: every fold's model has the same inputs and size
-            source.prepare(trainer.model, lambda: fresh_model(encoders_profile(profile), text, seed),
-                           device, seed, quiet=quiet)
-            prepared = True
-            if distributed.is_main:
-                write_json(run_dir / "parameters.json", {"trainable": count_parameters(trainer.model)})
-        trainer.fit_training_patients()
-        if resume:
-            trainer.resume()
-        fold_predictions = trainer.fit(metrics_path)
+        model = fresh_model(profile, text, seed).to(device)
+        source = BatchSource(manifest, profile, text, cache_dir)
+        source.prepare(model, partial(fresh_model, encoders_profile(profile), text, seed), device, seed,
+                       quiet=quiet)
         if distributed.is_main:
-            atomic_write(done, lambda p, df=fold_predictions: df.to_csv(p, index=False))
-        distributed.barrier()
-        predictions.append(fold_predictions)
-    oof = pd.concat(predictions, ignore_index=True)
-    if distributed.is_main:
-        atomic_write(run_dir / OOF_FILE, lambda p: oof.to_csv(p, index=False))
+            write_json(run_dir / "parameters.json", {"trainable": count_parameters(model)})
+        alone = model.encodes_each_step() or draws_global_randomness(model)
+        shared = named_tensors_digest({k: v for k, v in model.state_dict().items()  # the frozen encoders
+                                       if k.startswith(tuple(model.frozen_prefixes))})
+        template, members, states = fits.setdefault(f"seed {seed}" if alone else shared, (model, [], []))
+        for fold in todo:
+            patients = source.training_patients(fold.train)
+            model.fit_training_patients({k: v.to(device) for k, v in patients.items()})
+            members.append(Member(seed, fold, run_dir / f"fold{fold.index}", source))
+            states.append({name: t.clone() for name, t in trainable_state(model).items()})
+    for template, members, states in fits.values():
+        alone = template.encodes_each_step() or draws_global_randomness(template)
+        for part in ([[j] for j in range(len(members))] if alone else [range(len(members))]):
+            fit = BatchedFit(profile, [members[j] for j in part], template, [states[j] for j in part], device,
+                             distributed, quiet)
+            if resume:
+                fit.resume()
+            fit.fit()
+    oof = {}
+    for seed, run_dir in runs.items():
+        oof[seed] = pd.concat([read_predictions(run_dir / f"fold{f.index}" / PREDICTIONS_FILE)
+                               for f in folds[seed]], ignore_index=True)
+        if distributed.is_main:
+            atomic_write(run_dir / OOF_FILE, lambda p, df=oof[seed]: df.to_csv(p, index=False))
     return oof
 
 

@@ -1,40 +1,32 @@
-"""Run under torchrun: one epoch of one smoke fold with the full VTMF loss, then each rank writes its
-learned weights (the objective's included) to ``<out>/rank<r>.safetensors`` for a test to compare."""
+"""Run under torchrun: one epoch of a smoke cross-validation whose two folds train as one batched fit
+with the full VTMF loss; instead of predicting, each rank writes every member's learned weights (the
+objective's included) to ``<out>/rank<r>.safetensors`` for a test to compare."""
 
 import sys
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
-from ichpro.batches import BatchSource, batches
 from ichpro.config import get_profile
 from ichpro.manifest import load_manifest
-from ichpro.runtime import init_distributed
-from ichpro.text import load_text_backbone
-from ichpro.train import FoldTrainer, encoders_profile, fresh_model, split_folds
+from ichpro.train import BatchedFit, cross_validate
 
 
 def main(manifest_path: str, out: str) -> None:
     profile = get_profile("smoke", pretrain=None)  # a seeded random frozen encoder: no pretraining
-    profile = replace(profile, train=replace(profile.train, batch_size=4))
-    device = torch.device("cpu")
-    distributed = init_distributed(device)
+    profile = replace(profile, train=replace(profile.train, batch_size=4, epochs=1, n_folds=2))
     manifest = load_manifest(Path(manifest_path)).iloc[:48].reset_index(drop=True)
-    text = load_text_backbone("tiny", reports=manifest["report"].tolist(), seed=0)
-    source = BatchSource(manifest, profile, text, None)
-    fold = split_folds(manifest["label"].to_numpy(), 2, 0.2, 0)[0]
-    trainer = FoldTrainer(profile, source, text, fold, Path(out) / "fold0", device, 0, distributed, True)
-    source.prepare(trainer.model, lambda: fresh_model(encoders_profile(profile), text, 0), device, 0,
-                   quiet=True)
-    trainer.fit_training_patients()
-    trainer.ddp_model.train()
-    generator = torch.Generator().manual_seed(distributed.rank)
-    for idx in batches(fold.train, profile.train.batch_size, generator, distributed):
-        trainer.train_step(source.batch(idx, device, 1, generator))
-    learned = {name: p.detach().clone() for name, p in trainer.model.named_parameters() if p.requires_grad}
-    save_file(learned, str(Path(out) / f"rank{distributed.rank}.safetensors"))
+
+    def write_learned_weights(fit: BatchedFit) -> None:
+        stack = fit.stack
+        learned = {f"member{j}.{name}": p[j].detach().clone()
+                   for name, p in zip(stack.trainable, stack.params, strict=True) for j in range(stack.size)}
+        save_file(learned, str(Path(out) / f"rank{fit.distributed.rank}.safetensors"))
+        raise SystemExit(0)
+
+    BatchedFit._finish = write_learned_weights
+    cross_validate(profile, manifest, Path(out) / "run", quiet=True)
 
 
 if __name__ == "__main__":

@@ -49,15 +49,16 @@ def cohort(n=60, seed=0):
 
 
 def fake_train(calls):
-    """A stand-in for cross_validate: out-of-fold predictions that depend on the row's config."""
-    def train(profile, manifest, folder, *, seed, resume, quiet, cache_dir):
-        calls.append((profile, folder, resume, manifest["report"].iloc[0]))
-        rng = np.random.default_rng(abs(hash((profile.model.fusion, profile.model.modality,
-                                              profile.loss.terms))) % 2**32)
-        folder.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"patient_id": manifest["patient_id"], "fold": 0,
-                      "p_bad": np.clip(manifest["label"] * 0.4 + rng.uniform(0, 0.6, len(manifest)), 0, 1),
-                      "label": manifest["label"]}).to_csv(folder / "oof_predictions.csv", index=False)
+    """A stand-in for cross_validate_seeds: out-of-fold predictions that depend on the row's config."""
+    def train(profile, manifest, folders, *, resume, quiet, cache_dir):
+        for folder in folders.values():
+            calls.append((profile, folder, resume, manifest["report"].iloc[0]))
+            rng = np.random.default_rng(abs(hash((profile.model.fusion, profile.model.modality,
+                                                  profile.loss.terms))) % 2**32)
+            folder.mkdir(parents=True, exist_ok=True)
+            p_bad = np.clip(manifest["label"] * 0.4 + rng.uniform(0, 0.6, len(manifest)), 0, 1)
+            pd.DataFrame({"patient_id": manifest["patient_id"], "fold": 0, "p_bad": p_bad,
+                          "label": manifest["label"]}).to_csv(folder / "oof_predictions.csv", index=False)
     return train
 
 
@@ -200,24 +201,20 @@ def test_seed_spread_trains_each_seed_once_and_reports_its_auc_range(tmp_path):
     manifest, _ = cohort()
     calls = []
 
-    def train(profile, manifest, folder, *, seed, resume, quiet, cache_dir):
-        calls.append(seed)
-        rng = np.random.default_rng(seed)
-        folder.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame({"patient_id": manifest["patient_id"], "fold": 0,
-                      "p_bad": manifest["label"] * 0.3 + rng.uniform(0, 0.7, len(manifest)),
-                      "label": manifest["label"]}).to_csv(folder / "oof_predictions.csv", index=False)
+    def train(profile, manifest, folders, *, resume, quiet, cache_dir):
+        calls.append(list(folders))
+        seeded_train(profile, manifest, folders, resume=resume, quiet=quiet, cache_dir=cache_dir)
 
     rows = [Row("A", seeds=3), Row("B", model={"fusion": "self"})]
     spread = seed_spread(rows, SMOKE, manifest, tmp_path, seed=5, train=train, quiet=True)
-    assert sorted(calls) == [5, 6, 7] and list(spread["row"]) == ["A"]  # single-seed rows are skipped
+    assert calls == [[5, 6, 7]] and list(spread["row"]) == ["A"]  # the seeds together; one-seed rows skipped
     oofs = [pd.read_csv(row_folder(tmp_path, SMOKE, rows[0], s) / "oof_predictions.csv") for s in (5, 6, 7)]
     aucs = [roc_auc_score(manifest["label"], oof["p_bad"]) for oof in oofs]
     assert spread.loc[0, "auc_seed_min"] == pytest.approx(min(aucs))
     assert spread.loc[0, "auc_seed_max"] == pytest.approx(max(aucs))
     assert spread.loc[0, "auc_seed_sd"] == pytest.approx(np.std(aucs, ddof=1))
     seed_spread(rows, SMOKE, manifest, tmp_path, seed=5, train=train, quiet=True)
-    assert len(calls) == 3  # finished seeds are loaded, not retrained
+    assert len(calls) == 1  # finished seeds are loaded, not retrained
 
 
 def test_a_difference_is_real_only_beyond_both_delong_and_the_seed_spread():
@@ -235,18 +232,19 @@ def test_a_difference_is_real_only_beyond_both_delong_and_the_seed_spread():
     assert "seeds" not in compare_rows(oof, "good", "bad")
 
 
-def seeded_train(profile, manifest, folder, *, seed, resume, quiet, cache_dir):
-    """A stand-in for cross_validate that worker processes can import: predictions drawn from the
-    seed; it records the process it ran in."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "pid").write_text(str(os.getpid()))
-    pd.DataFrame({"patient_id": manifest["patient_id"], "fold": 0,
-                  "p_bad": manifest["label"] * 0.3 + rng.uniform(0, 0.7, len(manifest)),
-                  "label": manifest["label"]}).to_csv(folder / "oof_predictions.csv", index=False)
+def seeded_train(profile, manifest, folders, *, resume, quiet, cache_dir):
+    """A stand-in for cross_validate_seeds that worker processes can import: predictions drawn from
+    each seed; it records the process it ran in."""
+    for seed, folder in folders.items():
+        rng = np.random.default_rng(seed)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "pid").write_text(str(os.getpid()))
+        pd.DataFrame({"patient_id": manifest["patient_id"], "fold": 0,
+                      "p_bad": manifest["label"] * 0.3 + rng.uniform(0, 0.7, len(manifest)),
+                      "label": manifest["label"]}).to_csv(folder / "oof_predictions.csv", index=False)
 
 
-def test_workers_train_each_run_in_a_process_of_its_own_with_the_serial_results(tmp_path):
+def test_workers_train_each_row_in_a_process_of_its_own_with_the_serial_results(tmp_path):
     manifest, _ = cohort()
     profile = replace(SMOKE, pretrain=None)
     jobs = [(Row("A", seeds=2), 0), (Row("A", seeds=2), 1), (Row("B", model={"fusion": "self"}), 0)]

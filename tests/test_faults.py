@@ -52,7 +52,7 @@ def _outputs(run):
 def _writes_of_a_run(monkeypatch):
     """Count the file writes of the engine; ``kill_before[0]`` set to k raises Killed before write k."""
     counter = {"writes": 0, "kill_before": None}
-    for name in ("atomic_write", "save_weights", "save_optimizer", "write_json"):
+    for name in ("atomic_write", "save_tensors", "write_json", "publish"):
         original = getattr(train, name)
 
         def counted(*args, _original=original, **kwargs):
@@ -70,24 +70,29 @@ def test_a_kill_between_any_two_files_of_a_checkpoint_resumes_to_the_uninterrupt
     run_ref, cache = reference
     expected_oof, expected_metrics = _outputs(run_ref)
     counter = _writes_of_a_run(monkeypatch)
-    original_fit = train.FoldTrainer.fit
+    original_commit = train.BatchedFit._commit
 
-    def fit(self, run_metrics):
-        counter.setdefault("fold_starts", []).append(counter["writes"] + 1)
-        return original_fit(self, run_metrics)
+    def commit(self, epoch, rows, scores):
+        counter.setdefault("commits", []).append(counter["writes"] + 1)
+        return original_commit(self, epoch, rows, scores)
 
-    monkeypatch.setattr(train.FoldTrainer, "fit", fit)
+    monkeypatch.setattr(train.BatchedFit, "_commit", commit)
     cross_validate(FAULTS, zero_padded, tmp_path / "count", seed=0, quiet=True, cache_dir=cache)
-    n_writes, last_fold = counter["writes"], counter["fold_starts"][-1]
-    # the last fold holds every kind of boundary: a first epoch (last, best, optimizer, state,
-    # metrics), an epoch that need not improve, the fold's end (best, calibration, predictions)
-    # and the run's end (out-of-fold predictions); each kill stops the run right before that write
-    assert n_writes - last_fold >= 12
-    for k in range(last_fold, n_writes + 1):
+    n_writes, last_epoch = counter["writes"], counter["commits"][-1]
+    # the two folds train as one batched fit, so its last epoch holds every kind of boundary: a
+    # commit of several folds (each one's last, best and optimizer files, then each one's state, then
+    # the metrics), the fit's end (each one's best, calibration and pending predictions, then each
+    # one's publication) and the run's end (out-of-fold predictions); each kill stops the run right
+    # before that write
+    assert n_writes - last_epoch >= 14
+    split = 0  # kills that left the folds at different epochs: resumed from the earlier one
+    for k in range(last_epoch, n_writes + 1):
         run = tmp_path / f"kill{k}"
         counter.update(writes=0, kill_before=k)
         with pytest.raises(Killed):
             cross_validate(FAULTS, zero_padded, run, seed=0, quiet=True, cache_dir=cache)
+        epochs = {json.loads(p.read_text())["epoch"] for p in run.glob("fold*/state.json")}
+        split += len(epochs) > 1
         counter.update(writes=0, kill_before=None)
         cross_validate(FAULTS, zero_padded, run, seed=0, quiet=True, cache_dir=cache, resume=True)
         oof, metrics = _outputs(run)
@@ -96,12 +101,13 @@ def test_a_kill_between_any_two_files_of_a_checkpoint_resumes_to_the_uninterrupt
         pd.testing.assert_frame_equal(metrics, expected_metrics, check_exact=True,
                                       obj=f"metrics.csv after a kill before write {k}")
         assert oof["patient_id"].str.len().eq(6).all()
+    assert split >= 1
 
 
 def test_a_damaged_checkpoint_is_named_on_resume_with_the_fix(reference, zero_padded, tmp_path, monkeypatch):
     run_ref, cache = reference
     counter = _writes_of_a_run(monkeypatch)
-    counter["kill_before"] = 9  # inside the first fold's second epoch
+    counter["kill_before"] = 14  # inside the second epoch's commit
     with pytest.raises(Killed):
         cross_validate(FAULTS, zero_padded, tmp_path, seed=0, quiet=True, cache_dir=cache)
     state = json.loads((tmp_path / "fold0" / "state.json").read_text())

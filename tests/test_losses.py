@@ -272,8 +272,9 @@ ALL_TERMS = {"ce": 1.0, "imima": 0.7, "sdm": 0.5, "mlm": 0.25, "blend": 2.0, "cm
 def test_composite_total_is_weighted_sum_and_reports_every_term():
     loss = CompositeLoss(ALL_TERMS, temperature=0.1)
     x = model_outputs()
-    total, report = loss(**x)
-    assert set(report) == {"total", *LOSS_TERMS}
+    total, terms = loss(**x)
+    assert set(terms) == {"total", *LOSS_TERMS} and not any(v.requires_grad for v in terms.values())
+    report = {name: value.item() for name, value in terms.items()}
     assert total.item() == pytest.approx(report["total"], rel=1e-6)
     assert report["total"] == pytest.approx(sum(w * report[n] for n, w in ALL_TERMS.items()), rel=1e-5)
     v, t, labels = x["vision_embedding"], x["text_embedding"], x["labels"]
@@ -331,7 +332,7 @@ def test_composite_close_to_float32_under_bfloat16_autocast():
         total, low = loss(**half)
     assert total.dtype == torch.float32 and torch.isfinite(total)
     for name, value in full.items():
-        assert low[name] == pytest.approx(value, rel=0.05), name
+        assert low[name].item() == pytest.approx(value.item(), rel=0.05), name
 
 
 def test_terms_computed_in_float32_under_autocast():
@@ -341,7 +342,7 @@ def test_terms_computed_in_float32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, inside = loss(**x)  # float32 inputs: autocast must not push the similarities to bf16
     for name, value in full.items():
-        assert inside[name] == pytest.approx(value, rel=1e-5), name
+        assert inside[name].item() == pytest.approx(value.item(), rel=1e-5), name
 
 
 # ---------------------------------------------------------------- CLI spec

@@ -102,7 +102,8 @@ def test_full_vtmf_loss_reaches_every_trainable_parameter(tiny):
     out = model(batch)
     out.loss.backward()
     assert set(out.terms) == {"total", "ce", "imima", "sdm", "mlm"}
-    assert out.terms["total"] == pytest.approx(out.loss.item())
+    assert out.terms["total"].item() == pytest.approx(out.loss.item())
+    assert not out.terms["total"].requires_grad  # reported, detached
     # the objective is part of the model: IMIMA's learnable mix is one of its parameters
     names = [n for n, _ in model.named_parameters()]
     assert "objective.imima_mix" in names
@@ -182,9 +183,13 @@ def test_vision_dropout_hides_the_ct_from_the_fusion_of_some_training_samples_on
     batch = make_batch(tiny)
     blank = {**batch, "ct": torch.zeros_like(batch["ct"])}
     model = smoke_model(tiny, vision_dropout=0.5)
-    dropped = model._vision_dropout(torch.ones(400, 2, 1, 1, 1))
+    dropped = model._vision_dropout(torch.ones(400, 2, 1, 1, 1), None)
     assert set(dropped.flatten().tolist()) == {0.0, 1.0}  # whole samples, none rescaled
     assert torch.equal(dropped[:, 0], dropped[:, 1]) and 0.4 < (dropped[:, 0] == 0).float().mean() < 0.6
+    draw = torch.tensor([0.1, 0.7, 0.49, 0.5])  # the engine's draws: the samples below the rate drop
+    assert model._vision_dropout(torch.ones(4, 2, 1, 1, 1), draw)[:, 0, 0, 0, 0].tolist() == [0, 1, 0, 1]
+    assert model.training_draws == ("vision_dropout_draw",)
+    assert smoke_model(tiny, vision_dropout=0).training_draws == ()
     always = smoke_model(tiny, vision_dropout=0.999)
     torch.manual_seed(0)
     with_ct = always(batch)
@@ -279,8 +284,8 @@ def test_the_numbers_term_reads_age_and_gcs_from_the_fused_representation(tiny):
     assert out.numbers.shape == (4, 2)
     standardised = torch.stack([(batch["age"] - 65) / 15, (batch["gcs"] - 10) / 4], dim=1)
     expected = ((out.numbers - standardised) ** 2).mean()
-    assert out.terms["numbers"] == pytest.approx(expected.item(), rel=1e-5)
-    assert out.loss.item() == pytest.approx(out.terms["ce"] + 2 * out.terms["numbers"], rel=1e-5)
+    assert out.terms["numbers"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert out.loss.item() == pytest.approx((out.terms["ce"] + 2 * out.terms["numbers"]).item(), rel=1e-5)
     out.loss.backward()
     assert model.numbers.weight.grad.abs().sum() > 0 and model.trt.queries.grad.abs().sum() > 0
 

@@ -16,7 +16,7 @@ from ichpro.config import get_profile
 from ichpro.errors import IchproError
 from ichpro.metrics import classification_metrics
 from ichpro.runtime import autocast, cosine_lr, resolve_device
-from ichpro.train import FoldTrainer, cross_validate, prepare_vision_weights, split_folds
+from ichpro.train import BatchedFit, cross_validate, prepare_vision_weights, split_folds
 
 SMOKE = get_profile("smoke")
 FAST = replace(SMOKE, train=replace(SMOKE.train, epochs=3, n_folds=3))
@@ -92,7 +92,7 @@ def test_cosine_schedule_runs_from_the_base_rate_to_zero_and_is_applied_each_epo
     assert cosine_lr(1e-3, 11, 10) == pytest.approx(0, abs=1e-12)
     assert FAST.train.lr_schedule == "cosine"
     state = json.loads((finished_run[0] / "fold0" / "state.json").read_text())
-    last_lr = state["optimizer"]["param_groups"][0]["lr"]
+    last_lr = state["optimizer"]["lr"]
     assert last_lr == pytest.approx(cosine_lr(FAST.train.lr, state["epoch"], FAST.train.epochs))
 
 
@@ -118,24 +118,26 @@ def test_inner_validation_never_touches_the_test_fold():
 
 def test_resumed_run_predicts_exactly_like_an_uninterrupted_one(finished_run, manifest, ct_cache,
                                                                  tmp_path, monkeypatch):
-    original = FoldTrainer._train_epoch
+    original = BatchedFit._train_epoch
 
-    def crash_in_fold1_epoch2(self, epoch):
-        if self.fold.index == 1 and epoch == 2:
+    def crash_in_epoch2(self, epoch, active):
+        if epoch == 2:
             raise KeyboardInterrupt("simulated kill")
-        return original(self, epoch)
+        return original(self, epoch, active)
 
-    monkeypatch.setattr(FoldTrainer, "_train_epoch", crash_in_fold1_epoch2)
+    monkeypatch.setattr(BatchedFit, "_train_epoch", crash_in_epoch2)
     with pytest.raises(KeyboardInterrupt):
         cross_validate(FAST, manifest, tmp_path, seed=0, quiet=True, cache_dir=ct_cache)
-    assert (tmp_path / "fold0" / "predictions.csv").is_file()
-    assert json.loads((tmp_path / "fold1" / "state.json").read_text())["epoch"] == 1
-    monkeypatch.setattr(FoldTrainer, "_train_epoch", original)
-    fold0_before = (tmp_path / "fold0" / "predictions.csv").stat().st_mtime_ns
+    for k in range(3):  # the folds train together: each has committed its first epoch
+        assert json.loads((tmp_path / f"fold{k}" / "state.json").read_text())["epoch"] == 1
+        assert not (tmp_path / f"fold{k}" / "predictions.csv").exists()
+    monkeypatch.setattr(BatchedFit, "_train_epoch", original)
     resumed = cross_validate(FAST, manifest, tmp_path, seed=0, quiet=True, cache_dir=ct_cache,
                              resume=True)
-    assert (tmp_path / "fold0" / "predictions.csv").stat().st_mtime_ns == fold0_before  # not recomputed
     pd.testing.assert_frame_equal(resumed, finished_run[1], check_exact=True)
+    before = (tmp_path / "fold0" / "predictions.csv").stat().st_mtime_ns
+    cross_validate(FAST, manifest, tmp_path, seed=0, quiet=True, cache_dir=ct_cache, resume=True)
+    assert (tmp_path / "fold0" / "predictions.csv").stat().st_mtime_ns == before  # finished: not recomputed
 
 
 def test_a_run_folder_of_another_config_is_refused(finished_run, manifest):
@@ -188,7 +190,8 @@ def test_two_process_ddp_matches_a_single_process_run_of_the_same_global_batch(s
 
 
 def test_ddp_keeps_every_learned_weight_of_model_and_objective_equal_across_ranks(smoke_cohort, tmp_path):
-    """With the full VTMF loss, IMIMA's learnable mix included: DDP wraps the model with its objective."""
+    """With the full VTMF loss, IMIMA's learnable mix included: DDP wraps the batched fit's stacked
+    models with their objectives."""
     from safetensors.torch import load_file
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -197,8 +200,8 @@ def test_ddp_keeps_every_learned_weight_of_model_and_objective_equal_across_rank
                     "29518", worker, str(smoke_cohort / "manifest.csv"), str(tmp_path)], check=True, env=env,
                    capture_output=True, timeout=600)
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in (0, 1)]
-    assert "objective.imima_mix" in ranks[0] and ranks[0].keys() == ranks[1].keys()
-    assert ranks[0]["objective.imima_mix"].abs().max() > 0  # it learned: it starts at zero
+    assert "member1.objective.imima_mix" in ranks[0] and ranks[0].keys() == ranks[1].keys()
+    assert ranks[0]["member1.objective.imima_mix"].abs().max() > 0  # it learned: it starts at zero
     for name, weight in ranks[0].items():
         assert torch.equal(weight, ranks[1][name]), name
 

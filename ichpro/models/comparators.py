@@ -122,9 +122,9 @@ class Comparator(PrognosisModel):
         """Per-patient auxiliary predictions worth saving next to P(bad): name -> (B,) tensor."""
         return {}
 
-    def loss(self, out: HeadOutputs, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, out: HeadOutputs, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ce = ce_loss(out.logits, batch["labels"])
-        return ce, {"ce": ce.item()}
+        return ce, {"ce": ce.detach()}
 
 
 class ConvStack(nn.Sequential):
@@ -230,7 +230,7 @@ class MultiTaskDenseNet(Comparator):
         """Targets of the GCS head: (B, 1) [GCS <= 8] or (B, 2) ordinal bits."""
         return encode_ordinal_gcs(gcs) if self.gcs_task == "ordinal" else (gcs <= 8).float()[:, None]
 
-    def loss(self, out: HeadOutputs, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, out: HeadOutputs, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         terms = {"ce": ce_loss(out.logits, batch["labels"])}
         if "gcs" in out.aux:
             terms["gcs"] = _bce(out.aux["gcs"], self.gcs_targets(batch["gcs"]))
@@ -238,7 +238,7 @@ class MultiTaskDenseNet(Comparator):
             terms["age"] = _bce(out.aux["age"][:, 0], batch["age"] >= 80)
         weights = {name: self.TASK_WEIGHTS[name] for name in terms}
         total = sum(weights[name] * value for name, value in terms.items()) / sum(weights.values())
-        return total, {name: value.item() for name, value in terms.items()}
+        return total, {name: value.detach() for name, value in terms.items()}
 
 
 # --------------------------------------------------------------------------- plain image baselines
@@ -358,12 +358,12 @@ class JointQuantification(Comparator):
         """``volume_ml_pred``: the predicted haematoma volume (mL), when there is a volume head."""
         return {"volume_ml_pred": out.aux["volume_ml"].float()} if "volume_ml" in out.aux else {}
 
-    def loss(self, out: HeadOutputs, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, out: HeadOutputs, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ce, terms = super().loss(out, batch)
         if self.volume is None:
             return ce, terms
         volume = F.smooth_l1_loss(out.aux["log1p_volume"].float(), torch.log1p(batch["volume_ml"].float()))
-        return ce + self.volume_weight * volume, {**terms, "volume": volume.item()}
+        return ce + self.volume_weight * volume, {**terms, "volume": volume.detach()}
 
 
 # --------------------------------------------------------------------------- VDAFM
@@ -448,13 +448,13 @@ class VDAFM(Comparator):
             "vision_embedding": v, "text_embedding": t, "table_embedding": c,
             "text_attention": text_weights, "table_attention": table_weights})
 
-    def loss(self, out: HeadOutputs, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, out: HeadOutputs, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ce, terms = super().loss(out, batch)
         v = out.aux["vision_embedding"]
         text = symmetric_info_nce(v, out.aux["text_embedding"], self.temperature)
         table = symmetric_info_nce(v, out.aux["table_embedding"], self.temperature)
         total = ce + self.align_weight * (text + table)
-        return total, {**terms, "align_text": text.item(), "align_table": table.item()}
+        return total, {**terms, "align_text": text.detach(), "align_table": table.detach()}
 
 
 # --------------------------------------------------------------------------- registry

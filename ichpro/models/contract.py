@@ -28,7 +28,7 @@ class ModelOutput:
 
     logits: torch.Tensor  # (B, 2): 0 good, 1 bad outcome
     loss: torch.Tensor | None = None  # the objective, when the batch holds labels
-    terms: dict[str, float] = field(default_factory=dict)  # its named (unweighted) terms
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # its named (unweighted) terms, detached
     auxiliary: dict[str, torch.Tensor] = field(default_factory=dict)  # auxiliary task -> (B,) prediction
     attentions: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, heads, queries, keys)
     attention_grids: dict[str, Grid] = field(default_factory=dict)  # name -> grid of the keys
@@ -67,6 +67,9 @@ class PrognosisModel(nn.Module):
       resized to ``ct_size`` when that is set. :class:`ichpro.batches.BatchSource` lists the keys.
     * ``targets``: further keys only the objective reads (auxiliary-task targets, ICHPro's MLM
       labels); prediction does without them, and without them or ``labels`` there is no loss.
+    * ``training_draws``: keys of per-patient uniform draws in [0, 1) that a training batch holds for
+      the model's random choices (ICHPro's vision dropout), drawn from the fold's own generator, so
+      that a fold trains alike alone or batched beside others (:mod:`ichpro.ensemble`).
     * ``auxiliary_tasks``: the names of ``ModelOutput.auxiliary``, saved beside P(bad).
     * ``gradcam_layer``: the submodule whose 3D feature maps (B, C, d, h, w) Grad-CAM weighs
       (None: the model has none).
@@ -76,6 +79,7 @@ class PrognosisModel(nn.Module):
 
     inputs: tuple[str, ...] = ("ct",)
     targets: tuple[str, ...] = ()
+    training_draws: tuple[str, ...] = ()
     auxiliary_tasks: tuple[str, ...] = ()
     gradcam_layer: str | None = None
     ct_size: Grid | None = None
@@ -88,7 +92,12 @@ class PrognosisModel(nn.Module):
     def fit_training_patients(self, patients: Mapping[str, torch.Tensor]) -> None:
         """Fit what the model takes from its fold's training patients before training (default:
         nothing). ``patients`` holds their ``input_ids``, ``attention_mask`` and, when the model
-        reads it, ``clinical``."""
+        reads it, ``clinical``; and ``cohort_words``, the token ids of the whole cohort's reports."""
+
+    def encodes_each_step(self) -> bool:
+        """Whether a training step runs an encoder (a CNN on the CT, a trainable text encoder). Such a
+        model trains one fold at a time: batched, its convolutions run slower (``bench/batched_fit.py``)."""
+        return "ct" in self.inputs
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> ModelOutput:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -57,27 +57,52 @@ class MLMHead(nn.Module):
         self.transform = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.LayerNorm(hidden))
         self.word_embeddings = word_embeddings
         self.bias = nn.Parameter(torch.zeros(word_embeddings.num_embeddings))
-        self.register_buffer("vocabulary", None, persistent=False)
+        self.register_buffer("vocabulary", None, persistent=False)  # (U,) sorted token ids decoded over
+        self.register_buffer("allowed", None, persistent=False)  # (U,) which of them may be predicted
 
-    def restrict_vocabulary(self, token_ids: torch.Tensor | None) -> None:
-        """Decode over these token ids only (None: the whole vocabulary again)."""
-        self.vocabulary = None if token_ids is None else torch.unique(token_ids.to(self.bias.device))
+    def restrict_vocabulary(self, token_ids: torch.Tensor | None,
+                            decoded: torch.Tensor | None = None) -> None:
+        """Predict only these token ids (None: the whole vocabulary again).
 
-    def forward(self, masked_states: torch.Tensor, vision_tokens: torch.Tensor,
-                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits (N, V) at the N masked positions (``labels`` (B, L) not ``IGNORE_INDEX``) and their
-        targets (N,), as indices into the decoded vocabulary (the restricted one, if set)."""
-        positions = labels != IGNORE_INDEX
+        ``decoded``, a superset of them, is the set the softmax runs over, its other ids masked out
+        (probability 0): a batched fit gives every member the union of the members' words, so that
+        their heads have one shape and each still predicts its own training reports' words only.
+        """
+        if token_ids is None:
+            self.vocabulary = self.allowed = None
+            return
+        own = torch.unique(token_ids.to(self.bias.device))
+        decoded = own if decoded is None else torch.unique(decoded.to(self.bias.device))
+        if not torch.isin(own, decoded).all():
+            raise IchproError("the decoded vocabulary must hold every word the head may predict")
+        self.vocabulary, self.allowed = decoded, torch.isin(decoded, own)
+
+    def forward(self, masked_states: torch.Tensor, vision_tokens: torch.Tensor, labels: torch.Tensor,
+                n_decoded: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (N, V) at N positions and their targets (N,), as indices into the decoded vocabulary
+        (the restricted one, if set). The positions are the masked ones (``labels`` (B, L) not
+        ``IGNORE_INDEX``), N = their number; a batched fit gives every member the same ``n_decoded``
+        (at least its number of masked positions), and the positions beyond the masked ones get the
+        target ``IGNORE_INDEX``. Without ``n_decoded`` the targets are checked against the restricted
+        vocabulary; with it that is the caller's job (a fold's masked words come from its training
+        reports, which are the vocabulary)."""
+        masked = (labels != IGNORE_INDEX).flatten()
+        checked = n_decoded is None
+        if checked:
+            n_decoded = int(masked.sum())
+        order = torch.sort(masked.to(torch.uint8), descending=True, stable=True).indices[:n_decoded]
         x = self.to_dim(masked_states)
         k, v = self.kv(vision_tokens).chunk(2, dim=-1)
         attended, _ = multi_head_attention(self.q(x), k, v, self.heads)
-        h = self.transform(self.norm(x + attended)[positions])
-        targets = labels[positions]
+        h = self.transform(self.norm(x + attended).flatten(0, 1)[order])
+        targets = labels.flatten()[order]
         if self.vocabulary is None:
             return h @ self.word_embeddings.weight.T + self.bias, targets
         index = torch.searchsorted(self.vocabulary, targets).clamp(max=len(self.vocabulary) - 1)
-        if not torch.equal(self.vocabulary[index], targets):
+        ignored = targets == IGNORE_INDEX
+        if checked and not (ignored | ((self.vocabulary[index] == targets) & self.allowed[index])).all():
             raise IchproError("a masked token is not in the MLM head's restricted vocabulary: restrict it "
                               "to the token ids of the reports the model trains on")
         weight = self.word_embeddings.weight[self.vocabulary]
-        return h @ weight.T + self.bias[self.vocabulary], index
+        logits = (h @ weight.T + self.bias[self.vocabulary]).masked_fill(~self.allowed, float("-inf"))
+        return logits, index.masked_fill(ignored, IGNORE_INDEX)

@@ -65,6 +65,8 @@ class ICHPro(PrognosisModel):
         self.frozen_prefixes = (("vision.",) if cfg.freeze_vision else ()) + (
             ("text.", "mlm.word_embeddings.") if cfg.freeze_text else ())
         self.inputs = self._inputs()
+        both = self.vrt is not None and self.trt is not None
+        self.training_draws = ("vision_dropout_draw",) if cfg.vision_dropout > 0 and both else ()
         self.targets = (("mlm_labels",) if self.mlm is not None else ()) + (
             tuple(name for name, _, _ in NUMBER_SCALES) if self.numbers is not None else ())
         self.train()
@@ -81,9 +83,16 @@ class ICHPro(PrognosisModel):
         return tuple(keys)
 
     def fit_training_patients(self, patients: Mapping[str, torch.Tensor]) -> None:
-        """Restrict the MLM head to the training reports' words (``mlm_vocabulary="reports"``)."""
+        """Restrict the MLM head to the training reports' words (``mlm_vocabulary="reports"``), decoded
+        over the cohort's words when ``patients`` holds them (``cohort_words``), so that every fold's
+        head has one shape."""
         if self.mlm is not None and self.mlm_vocabulary == "reports":
-            self.mlm.restrict_vocabulary(patients["input_ids"][patients["attention_mask"].bool()])
+            self.mlm.restrict_vocabulary(patients["input_ids"][patients["attention_mask"].bool()],
+                                         patients.get("cohort_words"))
+
+    def encodes_each_step(self) -> bool:
+        """The CT or a trainable text encoder is encoded at every step."""
+        return super().encodes_each_step() or any(p.requires_grad for p in self.text.parameters())
 
     def train(self, mode: bool = True) -> ICHPro:
         """Set train/eval mode; frozen encoders always stay in eval mode."""
@@ -117,7 +126,8 @@ class ICHPro(PrognosisModel):
         if self.trt is not None:
             f_t = self.text(input_ids, attention_mask) if text_states is None else text_states
             t_grid, token_attention = self.trt(f_t, attention_mask)
-        fused, attentions = self.fusion(self._vision_dropout(v_grid), t_grid)
+        v_grid_fused = self._vision_dropout(v_grid, batch.get("vision_dropout_draw"))
+        fused, attentions = self.fusion(v_grid_fused, t_grid)
         out = ModelOutput(logits=self.header(fused), fused=fused, attentions=attentions,
                           attention_grids=self.fusion.map_grids, token_attention=token_attention)
         if self.projections is not None:
@@ -126,7 +136,8 @@ class ICHPro(PrognosisModel):
         if masked_text_states is None and mlm_input_ids is not None:
             masked_text_states = self.text(mlm_input_ids, attention_mask)
         if self.mlm is not None and masked_text_states is not None and mlm_labels is not None:
-            out.mlm_logits, out.mlm_labels = self.mlm(masked_text_states, tokens(v_grid), mlm_labels)
+            out.mlm_logits, out.mlm_labels = self.mlm(masked_text_states, tokens(v_grid), mlm_labels,
+                                                      batch.get("mlm_decoded"))
         if self.unimodal is not None:
             out.vision_logits = self.unimodal["vision"](out.vision_embedding)
             out.text_logits = self.unimodal["text"](out.text_embedding)
@@ -143,13 +154,17 @@ class ICHPro(PrognosisModel):
                 numbers_target=numbers_target)
         return out
 
-    def _vision_dropout(self, v_grid: torch.Tensor | None) -> torch.Tensor | None:
+    def _vision_dropout(self, v_grid: torch.Tensor | None, draw: torch.Tensor | None) -> torch.Tensor | None:
         """In training, zero the vision grid of a ``cfg.vision_dropout`` share of the samples (only
-        where the fusion reads it: the alignment terms and MLM still see the CT)."""
+        where the fusion reads it: the alignment terms and MLM still see the CT): those whose
+        uniform ``draw`` (B,) is below the rate (the engine draws it from the fold's generator; drawn
+        here when not given)."""
         rate = self.cfg.vision_dropout
         if not self.training or rate == 0 or v_grid is None or self.trt is None:
             return v_grid
-        keep = (torch.rand(v_grid.shape[0], device=v_grid.device) >= rate).to(v_grid.dtype)
+        if draw is None:
+            draw = torch.rand(v_grid.shape[0], device=v_grid.device)
+        keep = (draw >= rate).to(v_grid.dtype)
         return v_grid * keep.view(-1, *([1] * (v_grid.dim() - 1)))
 
 
