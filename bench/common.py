@@ -280,23 +280,25 @@ def first_fold(profile: Profile, labels: np.ndarray):
     return split_folds(labels, profile.train.n_folds, profile.train.val_fraction, seed=0)[0]
 
 
-def fold_trainer(profile: Profile, source, text, folder: Path):
-    """A ``FoldTrainer`` of fold 0 of ``source``'s patients, built (and ``source`` prepared for its
-    model) exactly as cross-validation does."""
+def fold_fit(profile: Profile, source, text, folder: Path):
+    """A ``BatchedFit`` of fold 0 of ``source``'s patients alone (its ``members[0]``), built (and
+    ``source`` prepared for its model) as cross-validation builds a fit."""
+    from ichpro.ensemble import trainable_state
     from ichpro.runtime import SINGLE_PROCESS
-    from ichpro.train import FoldTrainer, encoders_profile, fresh_model
+    from ichpro.train import BatchedFit, Member, encoders_profile, fresh_model
 
     fold = first_fold(profile, source.labels.numpy())
-    trainer = FoldTrainer(profile, source, text, fold, folder, CPU, 0, SINGLE_PROCESS, quiet=True)
-    source.prepare(trainer.model, lambda: fresh_model(encoders_profile(profile), text, 0), CPU, 0, quiet=True)
-    trainer.fit_training_patients()
-    return trainer
+    model = fresh_model(profile, text, 0)
+    source.prepare(model, lambda: fresh_model(encoders_profile(profile), text, 0), CPU, 0, quiet=True)
+    model.fit_training_patients(source.training_patients(fold.train))
+    member = Member(0, fold, folder / "fold0", source)
+    return BatchedFit(profile, [member], model, [trainable_state(model)], CPU, SINGLE_PROCESS, quiet=True)
 
 
-def train_step(trainer, batch: dict) -> None:
-    """One training step exactly as ``FoldTrainer`` takes it, in training mode."""
-    trainer.model.train()
-    trainer.train_step(batch)
+def train_step(fit, batch: dict) -> None:
+    """One training step of a one-member fit exactly as the engine takes it, in training mode."""
+    fit.stack.train()
+    fit.train_step({0: batch}, update=[0])
 
 
 def adam_step(loss: Callable[[], torch.Tensor], optimizer: torch.optim.Optimizer) -> Callable[[], None]:
@@ -328,7 +330,7 @@ def fill_feature_cache(profile: Profile, manifest: pd.DataFrame, text, cache_dir
 
 
 def end_to_end_step(profile: Profile, batch_size: int, folder: Path):
-    """A fold-0 ``FoldTrainer`` of the profile with both encoders trainable, and a batch of
+    """A fold-0 fit (:func:`fold_fit`) of the profile with both encoders trainable, and a batch of
     ``batch_size`` preprocessed CTs and reports of a small cohort of the profile's spec."""
     from ichpro.batches import BatchSource
 
@@ -336,6 +338,7 @@ def end_to_end_step(profile: Profile, batch_size: int, folder: Path):
     manifest = tiny_cohort(profile.cohort, max(2 * batch_size, 24))
     text = text_backbone(profile, manifest)
     source = BatchSource(manifest, profile, text, cache_dir=None)
-    trainer = fold_trainer(profile, source, text, folder)  # its MLM head decodes its training reports' words
-    return trainer, source.batch(trainer.fold.train[:batch_size].tolist(), CPU, epoch=1)
+    fit = fold_fit(profile, source, text, folder)  # its MLM head decodes its training reports' words
+    fold = fit.members[0].fold
+    return fit, source.batch(fold.train[:batch_size].tolist(), CPU, epoch=1, generator=torch.Generator())
 

@@ -5,7 +5,7 @@
 
 Trains fold 0 end to end (both encoders trainable) from an empty CT cache and sums, per epoch, the
 time spent inside ``BatchSource.batch`` (reading preprocessed CTs from MONAI's PersistentDataset
-cache, stacking them, slicing the tokens), against the epoch time ``FoldTrainer`` records (training
+cache, stacking them, slicing the tokens), against the epoch time the engine records (training
 + inner validation, checkpoints excluded). Epoch 1 also preprocesses every CT into the cache and is
 shown for reference only; the target applies to the later epochs together.
 """
@@ -50,9 +50,8 @@ def measure(name: str, epochs: int, patients: int) -> list[list[object]]:
     test = set(common.first_fold(profile, manifest["label"].to_numpy()).test.tolist())
     with common.scratch("wait-") as tmp:
         source = TimedSource(manifest, profile, text, tmp / "cache", skip=test)
-        trainer = common.fold_trainer(profile, source, text, tmp / "run")
-        trainer.fit(tmp / "metrics.csv")
-        history = pd.read_csv(tmp / "metrics.csv")
+        common.fold_fit(profile, source, text, tmp / "run").fit()
+        history = pd.read_csv(tmp / "run" / "metrics.csv")
     rows, later = [], [0.0, 0.0]
     for epoch, seconds in zip(history["epoch"], history["seconds"]):
         wait = source.wait[epoch]

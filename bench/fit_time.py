@@ -4,7 +4,7 @@
                                        [--quick]
 
 Both fits use the same profile, patients, fold (fold 0 of the profile's folds), epochs (no early
-stopping) and a warm CT cache; each is timed from building its FoldTrainer to its test-fold
+stopping) and a warm CT cache; each is timed from building its fit to its test-fold
 predictions, checkpoints included. The frozen side also pays reading the warm feature cache (which
 hashes the encoder weights and every CT file). The one-off cost of filling the cache is reported
 twice: from scratch (CT preprocessing + encoding every patient) and with a warm CT cache (encoding
@@ -27,10 +27,10 @@ def measure(name: str, epochs: int, patients: int) -> tuple[list[object], str]:
     text = common.text_backbone(profile, manifest)
     with common.scratch("fit-") as tmp:
         source, fill = common.fill_feature_cache(profile, manifest, text, tmp / "cache")
-        frozen = timed(lambda: common.fold_trainer(profile, source, text, tmp / "frozen").fit(None))
+        frozen = timed(lambda: common.fold_fit(profile, source, text, tmp / "frozen").fit())
         e2e_profile = common.end_to_end(profile)
         e2e_source = BatchSource(manifest, e2e_profile, text, tmp / "cache")  # the CT cache is warm
-        e2e = timed(lambda: common.fold_trainer(e2e_profile, e2e_source, text, tmp / "e2e").fit(None))
+        e2e = timed(lambda: common.fold_fit(e2e_profile, e2e_source, text, tmp / "e2e").fit())
     fold = common.first_fold(profile, manifest["label"].to_numpy())
     ratio = e2e / (fill["warm"] + frozen)
     row = [name, f"{len(fold.train)}/{len(fold.val)}/{len(fold.test)}", epochs, fill["cold"], fill["encode"],

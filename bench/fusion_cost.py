@@ -49,7 +49,8 @@ def make_step(profile, hidden: int, batch: int, tokens: int, report_words: int):
     data = {"attention_mask": torch.ones(batch, tokens, dtype=torch.long),
             "vision_features": torch.randn(batch, *grid), "text_states": torch.randn(batch, tokens, hidden),
             "masked_text_states": torch.randn(batch, tokens, hidden), "mlm_labels": labels,
-            "labels": torch.arange(batch) % 2}
+            "labels": torch.arange(batch) % 2, "age": torch.linspace(40, 90, batch),
+            "gcs": torch.arange(batch) % 13 + 3.0}  # the targets of the profile's age and GCS term
 
     return common.adam_step(lambda: model(data).loss, optimizer)
 

@@ -1,16 +1,15 @@
-"""Training a table's runs in parallel: the same runs with one worker (torch's threads) and with
+"""Training a table's rows in parallel: the same rows with one worker (torch's threads) and with
 ``--workers`` worker processes (cores / workers threads each), measured in the same run.
 
     .venv/bin/python bench/row_workers.py [--profile cpu] [--table table2_fusion] [--rows 4]
                                           [--patients 160] [--epochs 3] [--workers N] [--quick]
 
-The runs are the first ``--rows`` rows of ``--table`` (Table 2's fusion structures train on cached
-encoder outputs; Table 4's first rows are image networks trained from scratch), each cross-validated with the
-profile's folds for ``--epochs`` epochs (no early stopping) on a small cohort of the profile, through
+The rows are the first ``--rows`` rows of ``--table`` (Table 2's fusion structures train on cached
+encoder outputs, each row's folds as one batched fit; Table 4's first rows are image networks trained
+from scratch, one fold at a time), each cross-validated with the profile's folds and one seed for
+``--epochs`` epochs (no early stopping) on a small cohort of the profile, through
 :func:`ichpro.experiments.train_rows` as the notebooks call it. The feature cache is filled before
-either side is timed; the parallel side pays starting its worker processes. A frozen-encoder step
-is many small operations, which two threads share poorly, so on a CPU several single-thread runs at
-once train more runs per hour than one run on every core.
+either side is timed; the parallel side pays starting its worker processes.
 """
 
 from __future__ import annotations
@@ -42,12 +41,12 @@ def main(argv: list[str] | None = None) -> None:
         one = common.timed(lambda: train_rows(jobs, out=tmp / "one", workers=1, **options))
         many = common.timed(lambda: train_rows(jobs, out=tmp / "many", workers=args.workers, **options))
     common.print_table(
-        f"{len(jobs)} runs of {args.table}, {args.profile} profile, {args.patients} patients, "
+        f"{len(jobs)} rows of {args.table}, {args.profile} profile, {args.patients} patients, "
         f"{args.epochs} epochs, {profile.train.n_folds} folds",
         ["workers", "threads each", "wall time (s)", "speed-up over one worker"],
         [[1, os.cpu_count(), one, 1.0], [args.workers, max(1, (os.cpu_count() or 1) // args.workers), many,
                                          one / many]],
-        ["Same runs, same warm feature cache; the parallel side includes starting its processes."])
+        ["Same rows, same warm feature cache; the parallel side includes starting its processes."])
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@ def cohort_scaling(name: str, sizes: list[int], epochs: int) -> None:
         text = common.text_backbone(profile, manifest)
         with common.scratch("scale-") as tmp:
             source, fill = common.fill_feature_cache(profile, manifest, text, tmp / "cache")
-            trainer = common.fold_trainer(profile, source, text, tmp / "run")
-            fit = timed(trainer.fit, None)
-        rows.append([n, len(trainer.fold.train), fill["cold"], fill["encode"], fit, 1000 * fill["cold"] / n])
+            fold_fit = common.fold_fit(profile, source, text, tmp / "run")
+            fit = timed(fold_fit.fit)
+        rows.append([n, len(fold_fit.members[0].fold.train), fill["cold"], fill["encode"], fit,
+                     1000 * fill["cold"] / n])
     rows.append(["exponent k", "", *(common.loglog_slope(sizes, [row[i] for row in rows]) for i in (2, 3, 4)),
                  ""])
     columns = ["patients", "train patients", "cache fill: preprocess + encode (s)", "encode only (s)",
@@ -43,8 +44,8 @@ def volume_scaling(name: str, sizes: list[tuple[int, int, int]], batch: int | No
     for size in sizes:
         profile = common.derive(base, preprocess={"spatial_size": size})
         with common.scratch("scale-") as tmp:
-            trainer, data = common.end_to_end_step(profile, batch, tmp)
-        steps[size] = lambda trainer=trainer, data=data: common.train_step(trainer, dict(data))
+            fit, data = common.end_to_end_step(profile, batch, tmp)
+        steps[size] = lambda fit=fit, data=data: common.train_step(fit, dict(data))
     seconds = common.interleaved(steps, repeats, warmup=1)
     voxels = [d * h * w for d, h, w in sizes]
     rows = [["x".join(map(str, size)), n, seconds[size], 1e9 * seconds[size] / (n * batch)]

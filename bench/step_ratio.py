@@ -4,7 +4,7 @@
                                          [--repeats 3] [--threads N] [--quick]
 
 * whole model: both encoders trainable, MLM masking, forward, the full VTMF loss (CE + IMIMA + SDM +
-  MLM), backward and the Adam step, exactly as ``FoldTrainer`` trains;
+  MLM), backward and the Adam step, exactly as the engine trains;
 * vision alone: the same model's vision encoder, forward, a trivial loss (mean of the feature map),
   backward and an Adam step over the encoder.
 
@@ -30,8 +30,8 @@ def measure(name: str, batch_size: int | None, repeats: int) -> list[object]:
     profile = common.bench_profile(name)
     batch_size = batch_size or profile.train.batch_size
     with common.scratch("step-") as tmp:
-        trainer, batch = common.end_to_end_step(profile, batch_size, tmp)
-    model = trainer.model
+        fit, batch = common.end_to_end_step(profile, batch_size, tmp)
+    model = fit.model
     vision_optimizer = torch.optim.Adam(model.vision.parameters(), lr=profile.train.lr)
 
     def vision_step() -> None:
@@ -44,7 +44,7 @@ def measure(name: str, batch_size: int | None, repeats: int) -> list[object]:
             model(batch)
 
     def whole() -> None:
-        common.train_step(trainer, dict(batch))
+        common.train_step(fit, dict(batch))
 
     times = common.interleaved({"vision": vision_step, "whole": whole, "forward": forward}, repeats, warmup=1)
     ratio = times["whole"] / times["vision"]

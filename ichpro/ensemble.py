@@ -98,8 +98,15 @@ class MemberStack(nn.Module):
             randomness: str = "error") -> Any:
         """``fn(model output)`` of each of ``members`` on its slice of ``batch`` (stacked along dim 0;
         a value that is not a tensor is shared), stacked along dim 0. Buffer updates (BatchNorm's
-        running statistics) land in the members' slices."""
+        running statistics) land in the members' slices. A single member runs without ``vmap`` (which
+        would make its convolutions grouped ones of one group, slower than plain ones), on views of
+        its slices; ``randomness`` is ``vmap``'s (a single member draws as a lone model does)."""
         stacked = self._stacked()
+        if len(members) == 1:  # one member: its slices (views) without vmap, which costs a lone model
+            state = {name: t[members[0]] for name, t in stacked.items()}
+            alone = {key: v[0] if isinstance(v, torch.Tensor) else v for key, v in batch.items()}
+            out = fn(functional_call(self.template, state, (alone,)))
+            return _with_member_dim(out)
         everyone = list(members) == list(range(self.size))
         index = torch.as_tensor(list(members), device=self.params[0].device)
         entries = stacked if everyone else {name: t[index] for name, t in stacked.items()}
@@ -129,6 +136,15 @@ class MemberStack(nn.Module):
         return total, terms
 
 
+def _with_member_dim(out: Any) -> Any:
+    """Tensors (in tuples and dicts) with a leading member dimension of size 1, as ``vmap`` returns."""
+    if isinstance(out, torch.Tensor):
+        return out.unsqueeze(0)
+    if isinstance(out, dict):
+        return {key: _with_member_dim(value) for key, value in out.items()}
+    return type(out)(_with_member_dim(value) for value in out)
+
+
 class StackedAdam:
     """Adam (``torch.optim.Adam``'s update, without amsgrad) over stacked parameters, one state per
     member: :meth:`step` updates only the members named, each with its own step count."""
@@ -144,22 +160,27 @@ class StackedAdam:
     @torch.no_grad()
     def step(self, members: Sequence[int]) -> None:
         """One update of ``members`` from their accumulated gradients, which are then cleared."""
-        index = list(members)
-        if not index:
+        members = list(members)
+        if not members:
             return
+        # every member: in place on the whole tensors; some: on copies of their slices, written back
+        index = slice(None) if members == list(range(len(self.steps))) else members
         self.steps[index] += 1
         beta1, beta2 = self.betas
         step = self.steps[index].double()
         for p, m, v in zip(self.params, self.exp_avg, self.exp_avg_sq, strict=True):
-            shape = (len(index),) + (1,) * (p.dim() - 1)
-            bias1 = (1 - beta1 ** step).to(p.dtype).view(shape)
+            shape = (len(members),) + (1,) * (p.dim() - 1)
+            step_size = (self.lr / (1 - beta1 ** step)).to(p.dtype).view(shape)
             bias2 = (1 - beta2 ** step).sqrt().to(p.dtype).view(shape)
-            grad = torch.zeros_like(p[index]) if p.grad is None else p.grad[index]
+            weights, mean, square = p.data[index], m[index], v[index]
+            grad = torch.zeros_like(weights) if p.grad is None else p.grad[index]
             if self.weight_decay:
-                grad = grad + self.weight_decay * p[index]
-            m[index] = m[index].lerp(grad, 1 - beta1)
-            v[index] = v[index] * beta2 + (1 - beta2) * grad * grad
-            p[index] = p[index] - self.lr / bias1 * m[index] / (v[index].sqrt() / bias2 + self.eps)
+                grad = grad + self.weight_decay * weights
+            mean.lerp_(grad, 1 - beta1)
+            square.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            weights.sub_(mean / (square.sqrt() / bias2).add_(self.eps) * step_size)
+            if isinstance(index, list):
+                p.data[index], m[index], v[index] = weights, mean, square
             if p.grad is not None:
                 p.grad[index] = 0
 

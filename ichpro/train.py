@@ -314,24 +314,30 @@ class BatchedFit:
             stepping = [j for j in active if i < len(steps[j])]
             member_batches = {j: self.members[j].source.batch(steps[j][i], self.device, epoch, generators[j])
                               for j in stepping}
-            with autocast(self.device, cfg.amp):
-                loss, terms = self.ddp_stack(_groups(member_batches), randomness=self.randomness)
-            values = {j: {name: float(v) for name, v in terms[j].items()} for j in stepping}
-            if not torch.isfinite(loss):
-                bad = next((j for j in stepping if not np.isfinite(list(values[j].values())).all()),
-                           stepping[0])
-                raise IchproError(f"fold {self.members[bad].fold.index} (seed {self.members[bad].seed}): the "
-                                  f"loss is not finite at epoch {epoch} ({values[bad]}); lower the "
-                                  "learning rate")
-            (loss / cfg.grad_accumulation).backward()
-            self.optimizer.step([j for j in stepping if (i + 1) % cfg.grad_accumulation == 0
-                                 or i + 1 == len(steps[j])])
+            update = [j for j in stepping if (i + 1) % cfg.grad_accumulation == 0 or i + 1 == len(steps[j])]
+            values = self.train_step(member_batches, update)
             for j in stepping:
                 n = len(steps[j][i])
                 for name, value in values[j].items():
                     sums[j][name] = sums[j].get(name, 0.0) + value * n
                 seen[j] += n
         return {j: {f"train_{k}": v / max(seen[j], 1) for k, v in sums[j].items()} for j in active}
+
+    def train_step(self, member_batches: dict[int, dict[str, torch.Tensor]], update: list[int]
+                   ) -> dict[int, dict[str, float]]:
+        """One step of the members with a batch: their forward passes with the loss, one backward; the
+        members ``update`` apply and clear their accumulated gradients. Returns their loss terms."""
+        cfg = self.profile.train
+        with autocast(self.device, cfg.amp):
+            loss, terms = self.ddp_stack(_groups(member_batches), randomness=self.randomness)
+        values = {j: {name: float(v) for name, v in terms_j.items()} for j, terms_j in terms.items()}
+        if not torch.isfinite(loss):
+            bad = next((j for j in values if not np.isfinite(list(values[j].values())).all()), min(values))
+            raise IchproError(f"fold {self.members[bad].fold.index} (seed {self.members[bad].seed}): the "
+                              f"loss is not finite ({values[bad]}); lower the learning rate")
+        (loss / cfg.grad_accumulation).backward()
+        self.optimizer.step(update)
+        return values
 
     @torch.no_grad()
     def predict_columns(self, indices: dict[int, np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
@@ -490,8 +496,8 @@ def cross_validate(profile: Profile, manifest: pd.DataFrame, run_dir: Path, *, s
 
 
 def cross_validate_seeds(profile: Profile, manifest: pd.DataFrame, runs: Mapping[int, Path], *,
-                         resume: bool = False, quiet: bool = False, cache_dir: Path | None = None
-                         ) -> dict[int, pd.DataFrame]:
+                         resume: bool = False, quiet: bool = False, cache_dir: Path | None = None,
+                         batched: bool = True) -> dict[int, pd.DataFrame]:
     """Repeated cross-validation: for each ``seed -> run folder`` of ``runs``, patient-level stratified
     k-fold CV of ``profile`` on ``manifest`` with the seed's own folds, inner splits and
     initialisation; returns each seed's OOF predictions.
@@ -499,7 +505,8 @@ def cross_validate_seeds(profile: Profile, manifest: pd.DataFrame, runs: Mapping
     The unfinished folds of every seed train together as one :class:`BatchedFit` when the model
     trains on cached encoder outputs (members whose frozen encoders differ, as a seeded random text
     encoder does, form one fit per seed); a model that encodes the CT at every step, or draws global
-    randomness (dropout), trains one fold at a time. ``resume`` continues interrupted runs: finished
+    randomness (dropout), trains one fold at a time, and so does every fold without ``batched`` (the
+    sequential reference of the tests and benchmarks). ``resume`` continues interrupted runs: finished
     folds are reused, the others restart after their last committed epoch. A run folder of another
     config is refused. The trained model's number of trainable parameters goes to
     ``parameters.json``. A clinical baseline (``ModelConfig.comparator`` in
@@ -520,8 +527,8 @@ def cross_validate_seeds(profile: Profile, manifest: pd.DataFrame, runs: Mapping
     if profile.model.comparator in CLINICAL_BASELINES:
         return {seed: _clinical_baseline(profile.model.comparator, manifest, folds[seed], run_dir, seed,
                                          distributed) for seed, run_dir in runs.items()}
-    # the fits, by what their members share: the frozen encoders (or, trained alone, the seed)
-    fits: dict[str, tuple[PrognosisModel, list[Member], list[dict[str, torch.Tensor]]]] = {}
+    # the members by (trained alone, what they share: the seed's model alone, else the frozen encoders)
+    fits: dict[tuple[bool, Any], tuple[PrognosisModel, list[Member], list[dict[str, torch.Tensor]]]] = {}
     for seed, run_dir in runs.items():
         todo = [f for f in folds[seed] if not (run_dir / f"fold{f.index}" / PREDICTIONS_FILE).is_file()]
         if not todo:
@@ -534,17 +541,16 @@ def cross_validate_seeds(profile: Profile, manifest: pd.DataFrame, runs: Mapping
                        quiet=quiet)
         if distributed.is_main:
             write_json(run_dir / "parameters.json", {"trainable": count_parameters(model)})
-        alone = model.encodes_each_step() or draws_global_randomness(model)
+        alone = not batched or model.encodes_each_step() or draws_global_randomness(model)
         shared = named_tensors_digest({k: v for k, v in model.state_dict().items()  # the frozen encoders
                                        if k.startswith(tuple(model.frozen_prefixes))})
-        template, members, states = fits.setdefault(f"seed {seed}" if alone else shared, (model, [], []))
+        template, members, states = fits.setdefault((alone, seed if alone else shared), (model, [], []))
         for fold in todo:
             patients = source.training_patients(fold.train)
             model.fit_training_patients({k: v.to(device) for k, v in patients.items()})
             members.append(Member(seed, fold, run_dir / f"fold{fold.index}", source))
             states.append({name: t.clone() for name, t in trainable_state(model).items()})
-    for template, members, states in fits.values():
-        alone = template.encodes_each_step() or draws_global_randomness(template)
+    for (alone, _), (template, members, states) in fits.items():
         for part in ([[j] for j in range(len(members))] if alone else [range(len(members))]):
             fit = BatchedFit(profile, [members[j] for j in part], template, [states[j] for j in part], device,
                              distributed, quiet)
