@@ -1,18 +1,19 @@
 """Folds and seeds trained as one batched fit vs one at a time, and where a training step stands
 against this machine's roofline (targets: a frozen-feature row >= 4x, from-scratch networks >= 2x).
 
-    .venv/bin/python bench/batched_fit.py [--patients 160] [--seeds 5] [--epochs 2] [--members 25]
-                                          [--networks NAME ...] [--repeats 3] [--threads N] [--quick]
+    .venv/bin/python bench/batched_fit.py [--profile cpu] [--patients 160] [--seeds 5] [--epochs 2]
+                                          [--members 25] [--networks NAME ...] [--repeats 3] [--threads N]
+                                          [--quick]
 
 1. **Roofline.** This machine's fp32 and bf16 throughput, forward + backward, FLOPs counted by
    ``torch.utils.flop_counter.FlopCounterMode``: a 1024 x 1024 matmul, and the frozen-feature
    model's two kinds of convolution at the cpu profile's sizes: the fusion tail's Conv3d (64 -> 64,
    3 x 3 x 3 on the 4 x 8 x 8 grid, batch 16; two thirds of a step's FLOPs) and a header Conv1d.
-2. **The frozen-feature step** (cpu profile: fusion, header, loss heads, full VTMF + age/GCS loss,
+2. **The frozen-feature step** (``--profile``, cpu: fusion, header, loss heads, full VTMF + age/GCS loss,
    backward, Adam; batch 16, random features of the cached outputs' shapes): one member alone vs
    each member of a stack of ``--members`` (the folds x seeds of a row), fp32 and under bf16
    autocast; FLOPs per member step, GFLOP/s and the share of the fp32 matmul's.
-3. **A frozen-feature row**: ``--seeds`` seeds x 5 folds of the cpu profile's ICHPro cross-validated
+3. **A frozen-feature row**: ``--seeds`` seeds x 5 folds of the profile's ICHPro cross-validated
    with ``cross_validate_seeds`` as one batched fit vs each fold as its own fit (``batched=False``,
    the same engine), ``--epochs`` epochs on a cohort of ``--patients``, warm feature cache; whole
    wall time, each side run once (the seeds' text encodings and caches are the same on both sides).
@@ -79,7 +80,8 @@ def roofline(repeats: int) -> dict[str, dict[str, float]]:
 
 
 def frozen_batch(grid: torch.Size, hidden: int, batch: int, tokens: int, seed: int) -> dict:
-    """A training batch of random cached-output features, labels, masked-report targets, age and GCS."""
+    """A training batch of random cached-output features, labels, masked-report targets, age and GCS,
+    and the draws of a vision dropout."""
     g = torch.Generator().manual_seed(seed)
     labels = torch.full((batch, tokens), -100)
     labels[:, 1:1 + tokens // 7] = 1000 + torch.randint(0, 257, (batch, tokens // 7), generator=g)
@@ -88,18 +90,20 @@ def frozen_batch(grid: torch.Size, hidden: int, batch: int, tokens: int, seed: i
             "text_states": torch.randn(batch, tokens, hidden, generator=g),
             "masked_text_states": torch.randn(batch, tokens, hidden, generator=g), "mlm_labels": labels,
             "labels": torch.arange(batch) % 2, "age": 40 + 50 * torch.rand(batch, generator=g),
-            "gcs": torch.randint(3, 16, (batch,), generator=g).float()}
+            "gcs": torch.randint(3, 16, (batch,), generator=g).float(),
+            "vision_dropout_draw": torch.rand(batch, generator=g)}  # read when the model has the dropout
 
 
-def frozen_steps(members: int, repeats: int, matmul: float) -> list[list[object]]:
-    """The cpu profile's frozen-feature step: alone (one member) and stacked (per member), with its
-    share of ``matmul`` GFLOP/s."""
-    profile = common.bench_profile("cpu")
+def frozen_steps(name: str, members: int, repeats: int, matmul: float) -> list[list[object]]:
+    """The profile's frozen-feature step: alone (one member) and stacked (per member), with its share
+    of ``matmul`` GFLOP/s."""
+    profile = common.bench_profile(name)
     cfg = replace(profile.model, text_layers=None)  # the states are cached: one layer stands for the encoder
-    hidden, batch, tokens = 384, profile.train.batch_size, 48
+    hidden = 384 if cfg.text_encoder == "minilm" else 64
+    batch, tokens = profile.train.batch_size, 48
     torch.manual_seed(0)
     bert = BertModel(BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=1,
-                                num_attention_heads=6, intermediate_size=hidden))
+                                num_attention_heads=hidden // 64, intermediate_size=hidden))
     models = []
     for seed in range(members):
         torch.manual_seed(seed)
@@ -134,9 +138,9 @@ def frozen_steps(members: int, repeats: int, matmul: float) -> list[list[object]
     return rows
 
 
-def row_fit(patients: int, seeds: int, epochs: int) -> list[list[object]]:
-    """A frozen-feature row of the cpu profile cross-validated batched and one fold at a time."""
-    profile = common.derive(common.bench_profile("cpu"), train={"epochs": epochs})
+def row_fit(name: str, patients: int, seeds: int, epochs: int) -> list[list[object]]:
+    """A frozen-feature row of the profile cross-validated batched and one fold at a time."""
+    profile = common.derive(common.bench_profile(name), train={"epochs": epochs})
     manifest = common.tiny_cohort(profile.cohort, patients)
     prepare_vision_weights(profile, quiet=True)
     seconds = {}
@@ -186,28 +190,29 @@ def scratch_step(name: str, repeats: int, members: int = 5) -> list[object]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = common.make_parser(__doc__)
+    parser.add_argument("--profile", default="cpu", choices=["smoke", "cpu"])
     parser.add_argument("--patients", type=int, default=160)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--members", type=int, default=25, help="members of the stacked step (folds x seeds)")
     parser.add_argument("--networks", nargs="+", default=FROM_SCRATCH, choices=FROM_SCRATCH)
     parser.add_argument("--repeats", type=int, default=3)
-    args = common.parse(parser, argv, quick={"patients": 40, "seeds": 2, "epochs": 1, "members": 3,
-                                             "networks": ["small3dcnn"], "repeats": 1})
+    args = common.parse(parser, argv, quick={"profile": "smoke", "patients": 20, "seeds": 2, "epochs": 1,
+                                             "members": 2, "networks": ["small3dcnn"], "repeats": 1})
     peaks = roofline(args.repeats)
     common.print_table("Roofline: GFLOP/s, forward + backward", ["operation", "fp32", "bf16"],
                        [[name, r["fp32"], r["bf16"]] for name, r in peaks.items()])
     common.print_table(
-        "Frozen-feature training step (cpu profile): one member alone vs each member of a stack",
+        f"Frozen-feature training step ({args.profile} profile): one member alone vs each member of a stack",
         ["precision", "members", "GFLOP per member step", "ms per member step", "GFLOP/s",
          "share of the fp32 matmul's GFLOP/s"],
-        frozen_steps(args.members, args.repeats, peaks["matmul 1024 x 1024"]["fp32"]),
+        frozen_steps(args.profile, args.members, args.repeats, peaks["matmul 1024 x 1024"]["fp32"]),
         ["FLOPs from FlopCounterMode over one member's whole step (forward, backward), the same alone or "
          "stacked; bf16 is autocast."])
     common.print_table(
         "A frozen-feature row: every fold of every seed as one batched fit vs each fold alone",
         ["row", "one at a time (s)", "batched (s)", "one at a time / batched", "target", "result"],
-        row_fit(args.patients, args.seeds, args.epochs),
+        row_fit(args.profile, args.patients, args.seeds, args.epochs),
         ["Whole cross_validate_seeds calls, warm feature cache: training, validation, checkpoints, "
          "calibration and test predictions of every fold, and each seed's text-encoder loading."])
     common.print_table(

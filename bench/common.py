@@ -113,11 +113,12 @@ def make_parser(doc: str) -> argparse.ArgumentParser:
 
 def parse(parser: argparse.ArgumentParser, argv: list[str] | None = None, quick: dict | None = None
           ) -> argparse.Namespace:
-    """Parse the options (``quick`` replaces some under ``--quick``), set torch's threads, and print a
-    heading naming the script and the settings it runs with."""
+    """Parse the options (under ``--quick``, ``quick`` replaces those left at their defaults), set
+    torch's threads, and print a heading naming the script and the settings it runs with."""
     args = parser.parse_args(argv)
     if args.quick:
-        vars(args).update(quick or {})
+        vars(args).update({key: value for key, value in (quick or {}).items()
+                           if getattr(args, key) == parser.get_default(key)})
     if args.threads:
         torch.set_num_threads(args.threads)
     options = []

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", nargs="+", default=["smoke", "cpu"], choices=["smoke", "cpu", "paper"])
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    args = common.parse(parser, argv, quick={"batch": 1, "repeats": 1})
+    args = common.parse(parser, argv, quick={"profile": ["smoke"], "batch": 1, "repeats": 1})
     rows, notes = [], []
     for name in args.profile:
         profile_rows, summary = measure(name, args.batch, args.repeats)

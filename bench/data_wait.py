@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", nargs="+", default=["smoke", "cpu"], choices=["smoke", "cpu"])
     parser.add_argument("--epochs", type=int, default=3, help="epochs, the first one filling the CT cache")
     parser.add_argument("--patients", type=int, default=48)
-    args = common.parse(parser, argv, quick={"epochs": 2, "patients": 24})
+    args = common.parse(parser, argv, quick={"profile": ["smoke"], "epochs": 2, "patients": 16})
     if args.epochs < 2:
         parser.error("--epochs must be at least 2 (the first fills the CT cache)")
     rows = [row for name in args.profile for row in measure(name, args.epochs, args.patients)]

@@ -23,7 +23,7 @@ three, which is what the learning rate is chosen on (the vision dropout, which c
 on ICHPro's); CMAF's text -> vision localisation on 40 patients (half per outcome; mass ratio, 1 =
 uniform, and pointing-game hit rate); and the counterfactual of notebook 11 on 24 good-outcome
 patients (GCS -> 5, age -> 85: ICHPro's mean change of P(bad), the oracle's, and how often their
-signs agree); the same localisation for the map weighted by its gradient
+signs agree; ``--quick``: 8 and 6 patients); the same localisation for the map weighted by its gradient
 (``ichpro.explain.gradient_weighted_attention``). Runs are keyed by their config, so variants share
 the rows they do not change. Unlike the speed benchmarks it uses the real pretrained encoders, in the
 cache ``make reproduce`` fills (``--cache``), where each variant's pretraining has its own key.
@@ -68,17 +68,14 @@ MAP = "stage1_cmaf_text_to_vision"
 CHANGES = {"gcs": 5, "age": 85}  # notebook 11's counterfactual edit
 
 
-def variant_profile(name: str, profile_name: str, quick: bool):
-    """The profile with the variant's pretraining, model and training changes (smaller under ``--quick``)."""
+def variant_profile(name: str, profile_name: str):
+    """The profile with the variant's pretraining, model and training changes."""
     profile = get_profile(profile_name)
     parts = VARIANTS[name]
     model = replace(profile.model, **parts.get("model", {}))
     pretrain = replace(profile.pretrain, **parts.get("pretrain", {}))
     train = replace(profile.train, **parts.get("train", {}))
     loss = replace(profile.loss, **parts.get("loss", {}))
-    if quick:
-        pretrain = replace(pretrain, epochs=1)
-        train = replace(train, epochs=2)
     return replace(profile, model=model, loss=loss, pretrain=pretrain, train=train)
 
 
@@ -97,20 +94,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/design", help="folder for the cohort and the runs")
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "ichpro"),
                         help="the cache of pretrained encoders and features (default: make reproduce's)")
-    args = common.parse(parser, argv, quick={"profile": "smoke", "patients": 60,
+    args = common.parse(parser, argv, quick={"profile": "smoke", "patients": 40,
                                               "variants": ["configured"], "out": "runs/design-quick"})
     os.environ["ICHPRO_CACHE"] = args.cache  # ichpro.config.cache_root() reads it at each call
     out = Path(args.out) / args.profile
     cohort = ensure_cohort(get_profile(args.profile).cohort, out / f"cohort-seed{args.seed}", seed=args.seed,
                            n_patients=args.patients, progress=False)
     manifest = load_manifest(cohort / "manifest.csv")
-    ids = [pid for label in (0, 1) for pid in manifest.loc[manifest["label"] == label, "patient_id"][:20]]
-    good = good_outcomes_to_edit(manifest, CHANGES)[:24]
+    per_outcome, edits = (4, 6) if args.quick else (20, 24)  # patients of the localisation, of the edit
+    ids = [pid for label in (0, 1)
+           for pid in manifest.loc[manifest["label"] == label, "patient_id"][:per_outcome]]
+    good = good_outcomes_to_edit(manifest, CHANGES)[:edits]
     truth = pd.read_csv(cohort / "truth.csv")
     rows = [r for r in table_rows("table1_modalities") if r.name in ROWS]
     table = []
     for name in args.variants:
-        profile = variant_profile(name, args.profile, args.quick)
+        profile = variant_profile(name, args.profile)
         predictions = run_rows(rows, profile, manifest, out, quiet=True, cache_dir=cache_root())
         folders = [row_folder(out, profile, row, 0) for row in rows]
         curves = [inner_validation_curve(folder) for folder in folders]

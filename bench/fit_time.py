@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", nargs="+", default=["smoke", "cpu"], choices=["smoke", "cpu"])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--patients", type=int, default=48)
-    args = common.parse(parser, argv, quick={"epochs": 1, "patients": 24})
+    args = common.parse(parser, argv, quick={"profile": ["smoke"], "epochs": 1, "patients": 16})
     rows, notes = zip(*(measure(name, args.epochs, args.patients) for name in args.profile))
     common.print_table(
         "Fit time of one fold: frozen encoders + warm cache vs end-to-end",

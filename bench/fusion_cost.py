@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report-words", type=int, default=257,
                         help="distinct tokens of the reports (the cpu cohort's)")
     parser.add_argument("--repeats", type=int, default=5)
-    args = common.parse(parser, argv, quick={"batch": 4, "repeats": 1})
+    args = common.parse(parser, argv, quick={"profile": "smoke", "batch": 4, "repeats": 1})
     profile = common.bench_profile(args.profile)
     batch = args.batch or profile.train.batch_size
     hidden = 384 if profile.model.text_encoder == "minilm" else 64

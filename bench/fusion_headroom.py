@@ -18,7 +18,8 @@ edit of notebook 11 (GCS -> 5, age -> 85) on every good-outcome patient whose re
 the mean change of P(bad) against the cohort's outcome model's (the oracle's). ICHPro's own line
 (the trained model, same folds and seeds) closes each seed's block. Run it on the reference run
 after ``make reproduce`` (the defaults), or on the design cohort of ``bench/design_cohort.py``
-(``--cohort runs/design/cpu/cohort-seed2 --runs runs/design/cpu``); ``--quick`` takes the first seed only.
+(``--cohort runs/design/cpu/cohort-seed2 --runs runs/design/cpu``, or with ``--profile smoke`` the
+runs of its ``--quick``); ``--quick`` takes the first seed only.
 """
 
 from __future__ import annotations
@@ -47,9 +48,10 @@ CHANGES = {"gcs": 5, "age": 85}  # notebook 11's counterfactual edit
 NUMBERS = ["age", "gcs"]
 
 
-def report_states(texts: list[str], profile) -> np.ndarray:
-    """Mean-pooled states of the reports at the profile's text layer (N, H)."""
-    backbone = load_text_backbone(profile.model.text_encoder)
+def report_states(texts: list[str], profile, cohort_reports: list[str]) -> np.ndarray:
+    """Mean-pooled states of the reports at the profile's text layer (N, H) (a tiny encoder is built
+    from the cohort's reports, as its runs' seed 0 is)."""
+    backbone = load_text_backbone(profile.model.text_encoder, reports=cohort_reports, seed=0)
     tokens = tokenize(backbone.tokenizer, texts, profile.model.max_tokens)
     layers = pooled_layer_states(backbone.model, tokens["input_ids"], tokens["attention_mask"])
     return layers[profile.model.text_layers or -1]
@@ -83,10 +85,11 @@ def number_reading(text: np.ndarray, text_after: np.ndarray, numbers: np.ndarray
 
 def main(argv: list[str] | None = None) -> None:
     parser = common.make_parser(__doc__)
+    parser.add_argument("--profile", default="cpu", choices=["smoke", "cpu"], help="the runs' profile")
     parser.add_argument("--cohort", default="data_synthetic/cpu", help="cohort folder (manifest, truth)")
     parser.add_argument("--runs", default="runs/cpu/tables", help="the tables' run folder (holding runs/)")
     args = common.parse(parser, argv)
-    profile = get_profile("cpu")
+    profile = get_profile(args.profile)
     cohort = Path(args.cohort)
     manifest = load_manifest(cohort / "manifest.csv")
     truth = pd.read_csv(cohort / "truth.csv").set_index("patient_id").loc[manifest["patient_id"]]
@@ -94,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     edited = np.flatnonzero(manifest["patient_id"].isin(good_outcomes_to_edit(manifest, CHANGES)))
     before = [edit_report(manifest["report"].iloc[i]) for i in edited]
     after = [edit_report(text, **CHANGES) for text in before]
-    states = report_states([*manifest["report"], *before, *after], profile)
+    states = report_states([*manifest["report"], *before, *after], profile, manifest["report"].tolist())
     n, m = len(manifest), len(edited)
     text, text_before, text_after = states[:n], np.zeros_like(states[:n]), np.zeros_like(states[:n])
     text_before[edited], text_after[edited] = states[n:n + m], states[n + m:]

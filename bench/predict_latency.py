@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folds", type=int, help="folds of the tiny smoke/cpu runs (default: the profile's)")
     parser.add_argument("--paper-folds", type=int, default=1)
     parser.add_argument("--run", type=Path, help="measure this run folder instead")
-    args = common.parse(parser, argv, quick={"profile": ["smoke", "cpu"], "repeats": 0, "patients": 24,
+    args = common.parse(parser, argv, quick={"profile": ["smoke"], "repeats": 0, "patients": 16,
                                             "folds": 2})
     env = dict(os.environ)
     if args.threads:

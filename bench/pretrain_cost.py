@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default="cpu", choices=["smoke", "cpu"])
     parser.add_argument("--batch", type=int, help="batch size (default: the profile's pretraining batch)")
     parser.add_argument("--repeats", type=int, default=5)
-    args = common.parse(parser, argv, quick={"batch": 2, "repeats": 1})
+    args = common.parse(parser, argv, quick={"profile": "smoke", "batch": 2, "repeats": 1})
     profile = get_profile(args.profile)
     batch = args.batch or profile.pretrain.batch_size
     size = profile.preprocess.spatial_size

@@ -2,8 +2,10 @@
 
     .venv/bin/python bench/reproduce_times.py [--profile smoke cpu] [--runs-dir runs] [--quick]
 
-Reads nothing but the executed notebooks that papermill wrote to ``runs/<profile>/notebooks/``: their
-metadata hold each notebook's and each cell's duration, start time and failure. Every notebook of
+Reads nothing but the executed notebooks that ``make reproduce`` wrote (``figures/notebooks/`` for
+cpu, ``runs/<profile>/notebooks/`` for the others): their papermill metadata hold each notebook's and
+each cell's duration, start time and failure; the folder's ``timings.csv`` adds the set-up before the
+first notebook (the cohorts and the vision pretraining, which a cold run makes). Every notebook of
 ``notebooks/`` is listed, so a notebook that has not run (or failed, or was edited after it ran)
 shows; a profile whose every notebook ran is compared with its target, a partial one is not. Run
 ``make reproduce`` (``PROFILE=smoke make reproduce`` for smoke) first; this script runs nothing.
@@ -16,9 +18,22 @@ from datetime import datetime
 from pathlib import Path
 
 import common
+import pandas as pd
+
+from ichpro.reproduce import SETUP_ROW, TIMINGS_FILE
 
 TARGET_MINUTES = {"smoke": 15, "cpu": 60}
 NOTEBOOKS = common.REPO / "notebooks"
+EXECUTED = {"cpu": common.REPO / "figures" / "notebooks"}  # the Makefile's OUTPUTS; others under --runs-dir
+
+
+def setup_row(profile: str, folder: Path) -> tuple[list[object], float]:
+    """The set-up before the first notebook (cohorts, pretraining) from the run's ``timings.csv``."""
+    path = folder / TIMINGS_FILE
+    timings = pd.read_csv(path).set_index("notebook")["seconds"] if path.is_file() else pd.Series(dtype=float)
+    if SETUP_ROW not in timings:
+        return [profile, SETUP_ROW, "not recorded", "-", "-", "-"], 0.0
+    return [profile, SETUP_ROW, "ok", float(timings[SETUP_ROW]), "-", "-"], float(timings[SETUP_ROW])
 
 
 def notebook_row(profile: str, source: Path, executed: Path) -> tuple[list[object], float, datetime | None]:
@@ -49,17 +64,19 @@ def notebook_row(profile: str, source: Path, executed: Path) -> tuple[list[objec
 def main(argv: list[str] | None = None) -> None:
     parser = common.make_parser(__doc__)
     parser.add_argument("--profile", nargs="+", default=["smoke", "cpu"], choices=sorted(TARGET_MINUTES))
-    parser.add_argument("--runs-dir", type=Path, default=common.REPO / "runs")
+    parser.add_argument("--runs-dir", type=Path, default=Path("runs"),
+                        help="the runs folder of the profiles other than cpu (relative: to the repository)")
     args = common.parse(parser, argv)
     sources = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
     rows, totals, notes = [], [], []
     for profile in args.profile:
-        folder = args.runs_dir / profile / "notebooks"
+        folder = EXECUTED.get(profile, common.REPO / args.runs_dir / profile / "notebooks")
         names = {p.name for p in sources} | {p.name for p in folder.glob("[0-9][0-9]_*.ipynb")}
         results = [notebook_row(profile, NOTEBOOKS / name, folder / name) for name in sorted(names)]
-        rows += [row for row, _, _ in results]
+        setup, setup_seconds = setup_row(profile, folder)
+        rows += [setup] + [row for row, _, _ in results]
         done = sum(1 for row, _, _ in results if row[2].startswith("ok"))
-        total = sum(seconds for _, seconds, _ in results) / 60
+        total = (setup_seconds + sum(seconds for _, seconds, _ in results)) / 60
         target = TARGET_MINUTES[profile]
         if done == 0:
             result = f"not run: `PROFILE={profile} make reproduce`"

@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--patients", type=int, default=160)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    args = common.parse(parser, argv, quick={"rows": 2, "patients": 40, "epochs": 1})
+    args = common.parse(parser, argv, quick={"profile": "smoke", "rows": 2, "patients": 24, "epochs": 1})
     profile = common.derive(common.bench_profile(args.profile),
                             train={"epochs": args.epochs, "patience": None})
     manifest = common.tiny_cohort(profile.cohort, args.patients)

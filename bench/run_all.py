@@ -25,8 +25,8 @@ from pathlib import Path
 import common
 
 HERE = Path(__file__).resolve().parent
-SUITE = ["fit_time", "step_ratio", "fusion_cost", "pretrain_cost", "row_workers", "data_wait",
-         "conv_throughput", "predict_latency", "reproduce_times", "scaling"]
+SUITE = ["batched_fit", "fit_time", "step_ratio", "fusion_cost", "pretrain_cost", "row_workers",
+         "data_wait", "conv_throughput", "predict_latency", "reproduce_times", "scaling"]
 README = HERE / "README.md"
 START, END = "<!-- latest-results:start -->", "<!-- latest-results:end -->"
 

@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", nargs="+", default=["16x64x64", "32x64x64", "32x128x128"])
     parser.add_argument("--batch", type=int, help="batch of (b) (default: the profile's)")
     parser.add_argument("--repeats", type=int, default=3)
-    args = common.parse(parser, argv, quick={"patients": [20, 30, 40], "epochs": 1, "batch": 2,
-                                            "sizes": ["8x32x32", "16x32x32", "16x64x64"], "repeats": 1})
+    args = common.parse(parser, argv, quick={"patients": [12, 16, 20], "epochs": 1, "batch": 2,
+                                            "sizes": ["8x32x32", "16x32x32"], "repeats": 1})
     cohort_scaling(args.profile, args.patients, args.epochs)
     volume_scaling(args.profile, [tuple(int(v) for v in s.split("x")) for s in args.sizes], args.batch,
                    args.repeats)

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, help="batch size (default: the profile's)")
     parser.add_argument("--paper-batch", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
-    args = common.parse(parser, argv, quick={"batch": 2, "repeats": 1})
+    args = common.parse(parser, argv, quick={"profile": ["smoke"], "batch": 2, "repeats": 1})
     names = list(dict.fromkeys(args.profile + (["paper"] if args.paper else [])))
     rows = [measure(name, args.paper_batch if name == "paper" else args.batch,
                     1 if name == "paper" else args.repeats) for name in names]

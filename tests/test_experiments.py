@@ -205,7 +205,7 @@ def test_seed_spread_trains_each_seed_once_and_reports_its_auc_range(tmp_path):
         calls.append(list(folders))
         seeded_train(profile, manifest, folders, resume=resume, quiet=quiet, cache_dir=cache_dir)
 
-    rows = [Row("A", seeds=3), Row("B", model={"fusion": "self"})]
+    rows = [Row("A", seeds=3), Row("B", model={"fusion": "self"}, seeds=1)]
     spread = seed_spread(rows, SMOKE, manifest, tmp_path, seed=5, train=train, quiet=True)
     assert calls == [[5, 6, 7]] and list(spread["row"]) == ["A"]  # the seeds together; one-seed rows skipped
     oofs = [pd.read_csv(row_folder(tmp_path, SMOKE, rows[0], s) / "oof_predictions.csv") for s in (5, 6, 7)]
@@ -247,7 +247,7 @@ def seeded_train(profile, manifest, folders, *, resume, quiet, cache_dir):
 def test_workers_train_each_row_in_a_process_of_its_own_with_the_serial_results(tmp_path):
     manifest, _ = cohort()
     profile = replace(SMOKE, pretrain=None)
-    jobs = [(Row("A", seeds=2), 0), (Row("A", seeds=2), 1), (Row("B", model={"fusion": "self"}), 0)]
+    jobs = [(Row("A", seeds=2), 0), (Row("A", seeds=2), 1), (Row("B", model={"fusion": "self"}, seeds=1), 0)]
     train_rows(jobs, profile, manifest, tmp_path / "parallel", train=seeded_train, workers=2, quiet=True)
     train_rows(jobs, profile, manifest, tmp_path / "serial", train=seeded_train, quiet=True)
     pids = {}

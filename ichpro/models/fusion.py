@@ -89,15 +89,22 @@ class SoftPool3d(nn.Module):
         return F.avg_pool3d(weights * x, self.kernel_size) / F.avg_pool3d(weights, self.kernel_size)
 
 
-class Pointwise(nn.Linear):
-    """A 1×1×1 convolution (B, C_in, ...) -> (B, C_out, ...) written as a linear map of the channels:
-    the function of ``nn.Conv3d(kernel_size=1)``, computed as a matrix product, which a batched fit
-    (:mod:`ichpro.ensemble`) runs as one batched matmul instead of a slow grouped convolution."""
+class FlatLinear(nn.Linear):
+    """``nn.Linear`` over the last dimension of (..., C), computed as one (N, C) matrix product
+    whatever the leading dimensions: the same function, but a batched fit (``vmap`` over stacked
+    weights, :mod:`ichpro.ensemble`) then runs one batched matmul per layer instead of one per sample."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        positions = x.movedim(1, -1)
-        out = super().forward(positions.reshape(-1, positions.shape[-1]))  # one (N, C) matrix product
-        return out.reshape(*positions.shape[:-1], -1).movedim(-1, 1)
+        return super().forward(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], self.out_features)
+
+
+class Pointwise(FlatLinear):
+    """A 1×1×1 convolution (B, C_in, ...) -> (B, C_out, ...) written as a linear map of the channels:
+    the function of ``nn.Conv3d(kernel_size=1)``, computed as a matrix product, which a batched fit
+    runs as one batched matmul instead of a slow grouped convolution."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)
 
 
 class VRT(nn.Module):
@@ -132,14 +139,14 @@ class TRT(nn.Module):
         if mode not in TRT_MODES:
             raise IchproError(f"unknown TRT mode {mode!r}; choose one of {TRT_MODES}")
         self.grid, self.max_tokens, self.heads, self.mode = grid, max_tokens, heads, mode
-        self.project = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
+        self.project = nn.Sequential(nn.LayerNorm(hidden), FlatLinear(hidden, dim))
         if mode == "positional":
-            self.mix = nn.Linear(max_tokens, math.prod(grid))
+            self.mix = FlatLinear(max_tokens, math.prod(grid))
             return
         self.queries = nn.Parameter(torch.randn(math.prod(grid), dim) * dim ** -0.5)
         self.axes = nn.ParameterList([nn.Parameter(torch.randn(g, dim) * dim ** -0.5) for g in grid])
-        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
-        self.out = nn.Linear(dim, dim)
+        self.q, self.kv = FlatLinear(dim, dim), FlatLinear(dim, 2 * dim)
+        self.out = FlatLinear(dim, dim)
         self.norm = nn.LayerNorm(dim)
 
     def position_embedding(self) -> torch.Tensor:
@@ -169,8 +176,8 @@ class CMAF(nn.Module):
         self.grid = grid
         self.pool = SoftPool3d(tuple(2 if g % 2 == 0 else 1 for g in grid) if pool is None else pool)
         self.pooled_grid = tuple(g // k for g, k in zip(grid, self.pool.kernel_size))
-        self.qkv_vision = nn.Linear(dim, 3 * dim)
-        self.qkv_text = nn.Linear(dim, 3 * dim)
+        self.qkv_vision = FlatLinear(dim, 3 * dim)
+        self.qkv_text = FlatLinear(dim, 3 * dim)
         self.gain_vision = nn.Parameter(torch.zeros(3))  # softmax-normalised gains on Q, K, V
         self.gain_text = nn.Parameter(torch.zeros(3))
         self.direction = nn.Parameter(torch.zeros(2))  # (w1, w2) after softmax
@@ -202,8 +209,8 @@ class MHSAF(nn.Module):
         super().__init__()
         self.heads = heads
         self.grid = grid
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.out = nn.Linear(dim, dim)
+        self.qkv = FlatLinear(dim, 3 * dim)
+        self.out = FlatLinear(dim, dim)
         self.norm = nn.LayerNorm(dim)
 
     def attend(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,7 +7,7 @@ from monai.networks.nets import DenseNet
 from torch import nn
 
 from ichpro.errors import IchproError
-from ichpro.models.fusion import multi_head_attention
+from ichpro.models.fusion import FlatLinear, multi_head_attention
 from ichpro.text import IGNORE_INDEX
 
 
@@ -24,7 +24,7 @@ class SequenceHeader(nn.Module):
 
     def __init__(self, dim: int, blocks: tuple[int, ...], growth: int):
         super().__init__()
-        self.project = nn.Linear(dim, dim)
+        self.project = FlatLinear(dim, dim)
         self.densenet = DenseNet(spatial_dims=1, in_channels=dim, out_channels=2,
                                  init_features=2 * growth, growth_rate=growth, block_config=blocks)
 
@@ -51,8 +51,8 @@ class MLMHead(nn.Module):
     def __init__(self, hidden: int, dim: int, heads: int, word_embeddings: nn.Embedding):
         super().__init__()
         self.heads = heads
-        self.to_dim = nn.Linear(hidden, dim)
-        self.q, self.kv = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim)
+        self.to_dim = FlatLinear(hidden, dim)
+        self.q, self.kv = FlatLinear(dim, dim), FlatLinear(dim, 2 * dim)
         self.norm = nn.LayerNorm(dim)
         self.transform = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.LayerNorm(hidden))
         self.word_embeddings = word_embeddings
