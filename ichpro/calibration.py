@@ -22,8 +22,9 @@ from scipy.special import expit, log_expit
 
 
 def margin(logits: torch.Tensor) -> torch.Tensor:
-    """``logit_bad - logit_good`` of (B, 2) logits: the log-odds of a bad outcome."""
-    logits = logits.float()
+    """``logit_bad - logit_good`` of (B, 2) logits: the log-odds of a bad outcome, in at least
+    float32 (autocast logits may be bf16)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     return logits[:, 1] - logits[:, 0]
 
 

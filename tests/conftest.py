@@ -6,9 +6,26 @@ import tempfile
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n: one thread per worker, subprocesses too
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 os.environ.setdefault("MPLBACKEND", "Agg")
 # a fresh cache per session: pretrained encoders and cached features are made by the tests themselves
 os.environ["ICHPRO_CACHE"] = tempfile.mkdtemp(prefix="ichpro-test-cache-")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items):
+    """The notebook runs start first, in two groups that ``pytest -n 2 --dist loadgroup`` gives one
+    worker each: notebook 10 (the longest) alone, the others in order, sharing one output folder as
+    ``ichpro reproduce`` does; the other tests fill both workers around them."""
+    notebooks = [item for item in items if item.originalname == "test_notebook_runs_on_smoke"]
+    for item in notebooks:
+        item.add_marker(pytest.mark.xdist_group("notebook10" if "[10_" in item.name else "notebooks"))
+    notebooks.sort(key=lambda item: "[10_" not in item.name)
+    items[:] = notebooks + [item for item in items if item not in notebooks]
 
 
 @pytest.fixture(scope="session")

@@ -8,23 +8,17 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sample_reports import REPORTS
 
 from ichpro.batches import BatchSource, stack_batches
 from ichpro.config import get_profile
 from ichpro.ensemble import MemberStack, StackedAdam, draws_global_randomness, trainable_state
 from ichpro.models import build_model
 from ichpro.models.comparators import build_comparator
-from ichpro.reports import Report, render
 from ichpro.text import IGNORE_INDEX, load_text_backbone, mask_tokens, tokenize
 from ichpro.train import BatchedFit, cross_validate_seeds, prepare_vision_weights
 
 SMOKE = get_profile("smoke")
-REPORTS = [
-    render(Report(56, "Female", 45, 20, 13, "Conservative treatment", "Occipital hemorrhage", 0.5)),
-    render(Report(81, "Male", 120, 4, 5, "Craniotomy", "Left basal ganglia hemorrhage", 45.0)),
-    render(Report(67, "Male", 200, 30, 9, "Minimally invasive surgery", "Right thalamic hemorrhage", 15.0)),
-    render(Report(45, "Female", 60, 12, 15, "Conservative treatment", "Right cerebellar hemorrhage", 5.0)),
-]
 
 
 @pytest.fixture(scope="module")
@@ -143,12 +137,13 @@ def minilm_profile():
 
 def test_a_batched_fold_predicts_as_the_same_fold_trained_alone(minilm_profile, manifest, tmp_path,
                                                                 monkeypatch):
-    """In float64, to 1e-6. In float32 the members' sums run in another order and differ by about
-    1e-6 (previous test), and Adam, which divides each gradient by its running scale, moves a weight
-    whose gradient is zero in exact arithmetic (a bias before BatchNorm) by up to the learning rate
-    per step wherever rounding leaves it nonzero: two float32 runs drift apart by about the learning
-    rate times the steps, whoever computes them. Float64 makes that noise 1e-9 times smaller, far
-    below Adam's epsilon, and so shows that a member computes exactly what it computes alone."""
+    """In float64, to 1e-7 before calibration. In float32 the members' sums run in another order
+    and differ by about 1e-6 (previous test), and Adam, which divides each gradient by its running
+    scale, moves a weight whose gradient is zero in exact arithmetic (a bias before BatchNorm) by up
+    to the learning rate per step wherever rounding leaves it nonzero: two float32 runs drift apart by
+    about the learning rate times the steps, whoever computes them. Float64 makes that noise 1e-9
+    times smaller, far below Adam's epsilon, and so shows that a member computes exactly what it
+    computes alone."""
     sizes = []
     original_init, original_batch = BatchedFit.__init__, BatchSource.batch
 
@@ -174,8 +169,10 @@ def test_a_batched_fold_predicts_as_the_same_fold_trained_alone(minilm_profile, 
     assert sizes == [4, 1]  # the other fold was finished: fold 0 of seed 1 trained alone
     together, by_itself = (oof.query("fold == 0").set_index("patient_id") for oof in (batched[1], alone))
     assert list(together.index) == list(by_itself.index)
-    for column in ("p_bad", "p_bad_uncalibrated"):
-        np.testing.assert_allclose(together[column], by_itself[column], rtol=1e-6, atol=1e-9)
+    # the margins agree to about 1e-9; Platt's two parameters, fit on the few validation patients of
+    # a smoke fold, amplify that about a hundredfold (measured 2e-9 -> 3e-7)
+    np.testing.assert_allclose(together["p_bad_uncalibrated"], by_itself["p_bad_uncalibrated"], rtol=1e-7)
+    np.testing.assert_allclose(together["p_bad"], by_itself["p_bad"], rtol=1e-5)
     metrics = [pd.read_csv(tmp_path / run / "metrics.csv").query("fold == 0") for run in ("s1", "alone")]
     for column in ("train_ce", "train_imima", "train_sdm", "train_mlm", "val_loss", "val_auc"):
         np.testing.assert_allclose(metrics[0][column], metrics[1][column], rtol=1e-6)

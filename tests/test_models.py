@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from sample_reports import REPORTS
 from transformers import BertConfig, BertModel
 
 from ichpro.config import FUSION_STRUCTURES, LossConfig, get_profile
@@ -15,16 +16,9 @@ from ichpro.models import build_model
 from ichpro.models.encoders import TextEncoder, VisionEncoder
 from ichpro.models.fusion import CMAF, TRT, FusionStack, SoftPool3d
 from ichpro.models.heads import SequenceHeader
-from ichpro.reports import Report, render
 from ichpro.text import load_text_backbone, mask_tokens, tokenize
 
 SMOKE = get_profile("smoke")
-REPORTS = [
-    render(Report(56, "Female", 45, 20, 13, "Conservative treatment", "Occipital hemorrhage", 0.5)),
-    render(Report(81, "Male", 120, 4, 5, "Craniotomy", "Left basal ganglia hemorrhage", 45.0)),
-    render(Report(67, "Male", 200, 30, 9, "Minimally invasive surgery", "Right thalamic hemorrhage", 15.0)),
-    render(Report(45, "Female", 60, 12, 15, "Conservative treatment", "Right cerebellar hemorrhage", 5.0)),
-]
 
 
 @pytest.fixture(scope="module")
