@@ -32,7 +32,6 @@ import common
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import BertConfig, BertModel
 
 from ichpro.batches import stack_batches
 from ichpro.ensemble import MemberStack, StackedAdam, trainable_state
@@ -79,40 +78,23 @@ def roofline(repeats: int) -> dict[str, dict[str, float]]:
     return result
 
 
-def frozen_batch(grid: torch.Size, hidden: int, batch: int, tokens: int, seed: int) -> dict:
-    """A training batch of random cached-output features, labels, masked-report targets, age and GCS,
-    and the draws of a vision dropout."""
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.full((batch, tokens), -100)
-    labels[:, 1:1 + tokens // 7] = 1000 + torch.randint(0, 257, (batch, tokens // 7), generator=g)
-    return {"attention_mask": torch.ones(batch, tokens, dtype=torch.long),
-            "vision_features": torch.randn(batch, *grid, generator=g),
-            "text_states": torch.randn(batch, tokens, hidden, generator=g),
-            "masked_text_states": torch.randn(batch, tokens, hidden, generator=g), "mlm_labels": labels,
-            "labels": torch.arange(batch) % 2, "age": 40 + 50 * torch.rand(batch, generator=g),
-            "gcs": torch.randint(3, 16, (batch,), generator=g).float(),
-            "vision_dropout_draw": torch.rand(batch, generator=g)}  # read when the model has the dropout
-
-
 def frozen_steps(name: str, members: int, repeats: int, matmul: float) -> list[list[object]]:
     """The profile's frozen-feature step: alone (one member) and stacked (per member), with its share
     of ``matmul`` GFLOP/s."""
     profile = common.bench_profile(name)
     cfg = replace(profile.model, text_layers=None)  # the states are cached: one layer stands for the encoder
-    hidden = 384 if cfg.text_encoder == "minilm" else 64
-    batch, tokens = profile.train.batch_size, 48
-    torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=1,
-                                num_attention_heads=hidden // 64, intermediate_size=hidden))
+    batch, tokens, report_words = profile.train.batch_size, 48, 257  # the cpu cohort's mean and vocabulary
+    bert = common.cached_text_stand_in(profile)
     models = []
     for seed in range(members):
         torch.manual_seed(seed)
         model = build_model(cfg, copy.deepcopy(bert) if seed == 0 else models[0].text.bert, profile.loss)
-        model.mlm.restrict_vocabulary(torch.arange(1000, 1257))
+        model.mlm.restrict_vocabulary(torch.arange(1000, 1000 + report_words))
         models.append(model.train())
     with torch.no_grad():
         grid = models[0].vision(torch.zeros(1, 1, *profile.preprocess.spatial_size)).shape[1:]
-    batches = [frozen_batch(grid, hidden, batch, tokens, seed) for seed in range(members)]
+    batches = [common.frozen_batch(grid, bert.config.hidden_size, batch, tokens, report_words, seed)
+               for seed in range(members)]
     stacks = {m: MemberStack(models[0], [trainable_state(model) for model in models[:m]]).train()
               for m in (1, members)}
     optimizers = {m: StackedAdam(stack.params, m, profile.train.lr) for m, stack in stacks.items()}

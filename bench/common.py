@@ -260,6 +260,36 @@ def text_backbone(profile: Profile, manifest: pd.DataFrame | None = None):
     return load_text_backbone(profile.model.text_encoder, reports=reports, seed=0)
 
 
+def cached_text_stand_in(profile: Profile):
+    """A randomly initialised one-layer BERT of the profile's text width: a frozen-feature model reads
+    the encoder's cached states, so one layer stands for the encoder (speed does not depend on weights)."""
+    from transformers import BertConfig, BertModel
+
+    from ichpro.text import TINY_SIZES
+
+    hidden = 384 if profile.model.text_encoder == "minilm" else TINY_SIZES["hidden_size"]  # MiniLM-L6: 384
+    torch.manual_seed(0)
+    return BertModel(BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=1,
+                                num_attention_heads=max(1, hidden // 64), intermediate_size=hidden))
+
+
+def frozen_batch(grid: torch.Size, hidden: int, batch: int, tokens: int, report_words: int, seed: int = 0
+                 ) -> dict[str, torch.Tensor]:
+    """A frozen-feature training batch: random cached-output features, labels, masked-report targets
+    among ``report_words`` tokens (ids 1000...), age and GCS, and the draws of a vision dropout."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.full((batch, tokens), -100)
+    masked = max(1, tokens // 7)
+    labels[:, 1:1 + masked] = 1000 + torch.randint(0, report_words, (batch, masked), generator=g)
+    return {"attention_mask": torch.ones(batch, tokens, dtype=torch.long),
+            "vision_features": torch.randn(batch, *grid, generator=g),
+            "text_states": torch.randn(batch, tokens, hidden, generator=g),
+            "masked_text_states": torch.randn(batch, tokens, hidden, generator=g), "mlm_labels": labels,
+            "labels": torch.arange(batch) % 2, "age": 40 + 50 * torch.rand(batch, generator=g),
+            "gcs": torch.randint(3, 16, (batch,), generator=g).float(),
+            "vision_dropout_draw": torch.rand(batch, generator=g)}  # read when the model has the dropout
+
+
 @contextlib.contextmanager
 def scratch(prefix: str) -> Iterator[Path]:
     """A fresh temporary folder under runs/bench/tmp, removed afterwards."""

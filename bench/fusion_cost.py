@@ -29,28 +29,17 @@ import torch
 from ichpro.models import build_model
 
 
-def make_step(profile, hidden: int, batch: int, tokens: int, report_words: int):
+def make_step(profile, batch: int, tokens: int, report_words: int):
     """One training step of the profile's model on cached-output shapes, as a function."""
-    from transformers import BertConfig, BertModel
-
-    cfg = profile.model
-    torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=1,
-                                num_attention_heads=max(1, hidden // 64), intermediate_size=hidden))
-    model = build_model(replace(cfg, text_layers=None), bert, profile.loss)
+    bert = common.cached_text_stand_in(profile)
+    model = build_model(replace(profile.model, text_layers=None), bert, profile.loss)
     if profile.loss.mlm_vocabulary == "reports":
         model.mlm.restrict_vocabulary(torch.arange(1000, 1000 + report_words))
     params = [p for p in model.parameters() if p.requires_grad]  # the objective's included
     optimizer = torch.optim.Adam(params, lr=profile.train.lr)
     with torch.no_grad():
         grid = model.vision(torch.zeros(1, 1, *profile.preprocess.spatial_size)).shape[1:]
-    labels = torch.full((batch, tokens), -100)
-    labels[:, 1:1 + max(1, tokens // 7)] = 1000
-    data = {"attention_mask": torch.ones(batch, tokens, dtype=torch.long),
-            "vision_features": torch.randn(batch, *grid), "text_states": torch.randn(batch, tokens, hidden),
-            "masked_text_states": torch.randn(batch, tokens, hidden), "mlm_labels": labels,
-            "labels": torch.arange(batch) % 2, "age": torch.linspace(40, 90, batch),
-            "gcs": torch.arange(batch) % 13 + 3.0}  # the targets of the profile's age and GCS term
+    data = common.frozen_batch(grid, bert.config.hidden_size, batch, tokens, report_words)
 
     return common.adam_step(lambda: model(data).loss, optimizer)
 
@@ -66,7 +55,6 @@ def main(argv: list[str] | None = None) -> None:
     args = common.parse(parser, argv, quick={"profile": "smoke", "batch": 4, "repeats": 1})
     profile = common.bench_profile(args.profile)
     batch = args.batch or profile.train.batch_size
-    hidden = 384 if profile.model.text_encoder == "minilm" else 64
     model = profile.model
     variants = {
         "as configured": profile,
@@ -76,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                                    cmaf_pool=None)),
         "MLM over the full vocabulary": replace(profile, loss=replace(profile.loss, mlm_vocabulary="full")),
     }
-    steps = {name: make_step(variant, hidden, batch, args.tokens, args.report_words)
+    steps = {name: make_step(variant, batch, args.tokens, args.report_words)
              for name, variant in variants.items()}
     seconds = common.interleaved(steps, args.repeats, warmup=1)
     base = seconds["as configured"]

@@ -21,11 +21,12 @@ def pytest_collection_modifyitems(items):
     """The notebook runs start first, in two groups that ``pytest -n 2 --dist loadgroup`` gives one
     worker each: notebook 10 (the longest) alone, the others in order, sharing one output folder as
     ``ichpro reproduce`` does; the other tests fill both workers around them."""
-    notebooks = [item for item in items if item.originalname == "test_notebook_runs_on_smoke"]
-    for item in notebooks:
-        item.add_marker(pytest.mark.xdist_group("notebook10" if "[10_" in item.name else "notebooks"))
-    notebooks.sort(key=lambda item: "[10_" not in item.name)
-    items[:] = notebooks + [item for item in items if item not in notebooks]
+    groups = {}
+    for item in items:
+        if item.originalname == "test_notebook_runs_on_smoke":
+            groups[item] = "notebook10" if "[10_" in item.name else "notebooks"
+            item.add_marker(pytest.mark.xdist_group(groups[item]))
+    items.sort(key=lambda item: ["notebook10", "notebooks", None].index(groups.get(item)))  # stable
 
 
 @pytest.fixture(scope="session")
