@@ -54,3 +54,20 @@ def test_every_executed_notebook_is_linked():
     executed = [f for f in _committed("figures/notebooks") if f.endswith(".ipynb")]
     missing = [f for f in executed if f"figures/{f}" not in README]
     assert not missing, f"link from the README: {missing}"
+
+
+#: a Markdown link or image target: ``[text](target)`` / ``![alt](target)``, without a title
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def _documents() -> list:
+    docs = sorted((REPO_ROOT / "docs").glob("*.md"))
+    return [REPO_ROOT / "README.md", REPO_ROOT / "bench" / "README.md", *docs]
+
+
+@pytest.mark.parametrize("document", _documents(), ids=lambda p: str(p.relative_to(REPO_ROOT)))
+def test_every_relative_link_resolves(document):
+    targets = [t.split("#")[0] for t in LINK.findall(document.read_text())
+               if not re.match(r"[a-z]+:|#", t)]
+    broken = [t for t in targets if t and not (document.parent / t).exists()]
+    assert targets and not broken, f"{document.name}: broken links {broken}"
