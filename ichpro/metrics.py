@@ -199,6 +199,30 @@ def metrics_table(labels, p_bad, n_boot: int = 1000, seed: int = 0, threshold: f
     return pd.DataFrame(rows, columns=["metric", "value", "ci_low", "ci_high"])
 
 
+def metrics_over_seeds(labels, p_bad_by_seed, n_boot: int = 1000, seed: int = 0, threshold: float = 0.5,
+                       metrics: Iterable[str] = METRICS, level: float = 0.95) -> pd.DataFrame:
+    """:func:`metrics_table` for r runs on the same patients (repeated cross-validation; an (r, n)
+    array of P(bad)): each metric's ``value`` is its mean over the runs, with ``seed_min``,
+    ``seed_max``, ``seed_sd`` (ddof 1; NaN for one run) and ``n_seeds``; the CI is the percentile
+    interval of that mean over one set of patient resamples shared by every run."""
+    y = _labels(labels)
+    runs = [_scores(p, "p_bad", y.size) for p in np.atleast_2d(np.asarray(p_bad_by_seed, dtype=float))]
+    _check_threshold(threshold)
+    names = _check_names(metrics)
+    index = _bootstrap_indices(y, n_boot, seed)
+    point = [_batch_metrics(y[None], p[None], threshold, names) for p in runs]
+    boot = [_replicates(y, p, index, threshold, names) for p in runs]
+    rows = []
+    for name in names:
+        values = np.array([run[name][0] for run in point])
+        mean_boot = np.mean([run[name] for run in boot], axis=0)
+        sd = float(values.std(ddof=1)) if values.size > 1 else np.nan
+        rows.append((name, float(values.mean()), *_percentile_ci(mean_boot, level), float(values.min()),
+                     float(values.max()), sd, values.size))
+    columns = ["metric", "value", "ci_low", "ci_high", "seed_min", "seed_max", "seed_sd", "n_seeds"]
+    return pd.DataFrame(rows, columns=columns)
+
+
 def bootstrap_ci(labels, p_bad, metric: str | MetricFn, n_boot: int = 1000, level: float = 0.95,
                  seed: int = 0, threshold: float = 0.5) -> tuple[float, float, float]:
     """(point, low, high): stratified percentile bootstrap of a named metric or of ``f(labels, p_bad)``."""

@@ -22,6 +22,7 @@ from ichpro.metrics import (
     calibration_curve_table,
     classification_metrics,
     delong_test,
+    metrics_over_seeds,
     metrics_table,
 )
 
@@ -289,3 +290,24 @@ def test_calibration_table_bins_and_empty_bins():
     # ECE is the count-weighted mean gap of this table
     gap = (populated["n"] * (populated["mean_predicted"] - populated["observed_rate"]).abs()).sum() / 6
     assert classification_metrics(HAND_Y, HAND_P)["ece"] == pytest.approx(gap)
+
+
+def test_metrics_over_seeds_average_the_runs_and_share_the_resamples():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 120)
+    runs = np.stack([1 / (1 + np.exp(-(s * y + rng.normal(size=120)))) for s in (0.5, 1.0, 2.0)])
+    table = metrics_over_seeds(y, runs, n_boot=200, seed=1, metrics=("auc", "f1")).set_index("metric")
+    aucs = [classification_metrics(y, p)["auc"] for p in runs]
+    assert table.at["auc", "value"] == pytest.approx(np.mean(aucs))
+    assert table.at["auc", "seed_min"] == pytest.approx(min(aucs))
+    assert table.at["auc", "seed_sd"] == pytest.approx(np.std(aucs, ddof=1))
+    assert table.at["auc", "n_seeds"] == 3
+    assert table.at["auc", "ci_low"] < table.at["auc", "value"] < table.at["auc", "ci_high"]
+    # one run is metrics_table exactly (same resamples, same percentile interval)
+    one = metrics_over_seeds(y, runs[:1], n_boot=200, seed=1, metrics=("auc",)).iloc[0]
+    alone = metrics_table(y, runs[0], n_boot=200, seed=1, metrics=("auc",)).iloc[0]
+    for column in ("value", "ci_low", "ci_high"):
+        assert one[column] == alone[column]
+    assert np.isnan(one["seed_sd"])
+    with pytest.raises(IchproError, match="p_bad"):
+        metrics_over_seeds(y, np.stack([runs[0], runs[1][:-1].tolist() + [2.0]]))
