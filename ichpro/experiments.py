@@ -30,14 +30,15 @@ from scipy.stats import spearmanr
 from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, mean_absolute_error, r2_score
 
 from ichpro.clinical import clinical_fields
-from ichpro.config import LossConfig, ModelConfig, Profile
+from ichpro.config import LossConfig, Profile
 from ichpro.data import config_hash
 from ichpro.errors import IchproError
 from ichpro.losses import parse_loss_spec
 from ichpro.manifest import haematoma_volumes
-from ichpro.metrics import classification_metrics, delong_test, metrics_table
+from ichpro.metrics import classification_metrics, delong_test, metrics_over_seeds
 from ichpro.paper import reported_tables
 from ichpro.plots import plot_table_auc, save_figure
+from ichpro.repeated_cv import call_difference, compare_over_seeds, holm
 from ichpro.reports import drop_field
 from ichpro.runtime import resolve_device
 from ichpro.train import (
@@ -93,7 +94,7 @@ FROM_SCRATCH = {"lr": 1e-3, "batch_size": 16, "lr_schedule": "constant", "patien
 TABLES: dict[str, tuple[str, list[Row]]] = {
     "table1_modalities": ("1_modalities", [
         Row("Text only", "Text only", "report", {"modality": "text"}, "ce"),
-        Row("Vision only", "Vision only", "image", {"modality": "vision"}, "ce"),
+        Row("Vision only", "Vision only", "image", {"modality": "vision"}, "ce", versus=("Text only",)),
         Row("ICHPro", "ICHPro (text + vision)", reference=True),
         Row(VARIANT, **VARIANT_CHANGES, versus=("Text only", "Vision only")),
         Row("Text only, positional TRT", None, "report", {"modality": "text", "trt": "positional"}, "ce"),
@@ -103,9 +104,9 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
     ]),
     "table2_fusion": ("2_fusion", [
         Row("Self", "Self Attention", model={"fusion": "self"}),
-        Row("Cross", "Cross Attention", model={"fusion": "cross"}),
+        Row("Cross", "Cross Attention", model={"fusion": "cross"}, versus=("Self",)),
         Row("Self-Self", "Self-Self Attention", model={"fusion": "self-self"}),
-        Row("Cross-Cross", "Cross-Cross Attention", model={"fusion": "cross-cross"}),
+        Row("Cross-Cross", "Cross-Cross Attention", model={"fusion": "cross-cross"}, versus=("Self-Self",)),
         Row("Self-Cross", "Self-Cross Attention", model={"fusion": "self-cross"}),
         Row("Cross-Self (ICHPro)", "Cross-Self Attention (ICHPro)", reference=True),
     ]),
@@ -114,7 +115,7 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
         Row("CE + blend", "L_blend", loss="ce,blend"),
         Row("CE + CMPM", "L_cmpm", loss="ce,cmpm"),
         Row("CE + CMFA", "L_CMFA", loss="ce,cmfa"),
-        Row("CE + IMIMA", "L_IMIMA", loss="ce,imima"),
+        Row("CE + IMIMA", "L_IMIMA", loss="ce,imima", versus=("CE + SDM", "CE + MLM")),
         Row("CE + SDM", "L_SDM", loss="ce,sdm"),
         Row("CE + MLM", "L_MLM", loss="ce,mlm"),
         Row("CE + IMIMA + SDM", "L_IMIMA + alpha L_SDM", loss="ce,imima,sdm"),
@@ -288,28 +289,95 @@ def run_rows(rows: list[Row], profile: Profile, manifest: pd.DataFrame, out: str
     return {row.name: read_predictions(row_folder(out, profile, row, seed) / OOF_FILE) for row in rows}
 
 
-def summarize(rows: list[Row], predictions: dict[str, pd.DataFrame], paper_table: str | None,
+def row_seeds(row: Row, seed: int = 0) -> range:
+    """The training seeds of a row: ``seed, seed + 1, ...`` (:attr:`Row.seeds` of them)."""
+    return range(seed, seed + row.seeds)
+
+
+def load_predictions(rows: list[Row], profile: Profile, out: str | Path, seed: int = 0
+                     ) -> dict[str, dict[int, pd.DataFrame]]:
+    """Each row's out-of-fold predictions per training seed (``row name -> seed -> table``), from
+    finished runs."""
+    return {row.name: {s: read_predictions(row_folder(out, profile, row, s) / OOF_FILE)
+                       for s in row_seeds(row, seed)} for row in rows}
+
+
+def summarize(rows: list[Row], predictions: dict[str, dict[int, pd.DataFrame]], paper_table: str | None,
               truth: pd.DataFrame | None = None, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """One line per row: the paper's numbers, ours with 95 % CIs, DeLong p vs the reference, ceiling."""
+    """One line per row: the paper's numbers; ours as the mean over the row's training seeds of each
+    pooled out-of-fold metric, with a 95 % patient-bootstrap interval of that mean
+    (:func:`ichpro.metrics.metrics_over_seeds`); the AUC's range and sd over the seeds and each seed's
+    AUC (``auc_seed<k>``); the comparison with the table's reference row (:func:`comparisons`:
+    ``difference``, its interval, ``p``, ``p_holm``, ``delong_p_median``, ``call``); the ceiling."""
     paper = _paper_rows(paper_table)
-    reference = next((r for r in rows if r.reference), None)
+    tests = comparisons(rows, predictions)
+    reference = next((r.name for r in rows if r.reference), None)
+    versus_reference = tests[tests["b"] == reference].set_index("a") if reference else tests.iloc[:0]
     lines = []
     for row in rows:
-        oof = predictions[row.name].sort_values("patient_id").reset_index(drop=True)
-        line: dict = {"row": row.name}
-        scores = metrics_table(oof["label"], oof["p_bad"], n_boot=n_boot, seed=seed,
-                               metrics=TABLE_METRICS).set_index("metric")
+        runs = {s: o.sort_values("patient_id").reset_index(drop=True)
+                for s, o in predictions[row.name].items()}
+        first = next(iter(runs.values()))
+        scores = metrics_over_seeds(first["label"], [o["p_bad"].to_numpy() for o in runs.values()],
+                                    n_boot=n_boot, seed=seed, metrics=TABLE_METRICS).set_index("metric")
+        line: dict = {"row": row.name, "n_seeds": len(runs)}
         for metric in TABLE_METRICS:
             line[f"paper_{metric}"] = paper.get(row.paper, {}).get(metric, np.nan)
             line[metric] = scores.at[metric, "value"]
             line[f"{metric}_ci_low"] = scores.at[metric, "ci_low"]
             line[f"{metric}_ci_high"] = scores.at[metric, "ci_high"]
-        line["delong_p"] = np.nan
-        if reference is not None and row is not reference:
-            line["delong_p"] = paired_auc(predictions, row.name, reference.name)[2]
-        line["ceiling_auc"] = _ceiling(truth, oof, row.ceiling)
+        line.update(auc_seed_min=scores.at["auc", "seed_min"], auc_seed_max=scores.at["auc", "seed_max"],
+                    auc_seed_sd=scores.at["auc", "seed_sd"])
+        line.update({f"auc_seed{s}": _pooled_auc(o) for s, o in runs.items()})
+        test = versus_reference.loc[row.name] if row.name in versus_reference.index else None
+        for column in COMPARISON_COLUMNS:
+            line[column] = np.nan if test is None else test[column]
+        line["ceiling_auc"] = _ceiling(truth, first, row.ceiling)
         lines.append(line)
-    return pd.DataFrame(lines)
+    table = pd.DataFrame(lines)
+    seeds = sorted(c for c in table if c.startswith("auc_seed") and c[8:].isdigit())
+    return table[[c for c in table if c not in seeds] + seeds]
+
+
+#: the columns of a comparison that :func:`summarize` copies into the reference's table
+COMPARISON_COLUMNS = ("difference", "difference_ci_low", "difference_ci_high", "difference_seed_min",
+                      "difference_seed_max", "p", "p_holm", "delong_p_median", "call")
+
+
+def comparisons(rows: list[Row], predictions: dict[str, dict[int, pd.DataFrame]]) -> pd.DataFrame:
+    """Every comparison a table makes (each row ``a`` against the reference ``b``, and against the rows
+    of its :attr:`Row.versus`), on the training seeds both rows have: the two AUCs (means over those
+    seeds), the mean per-fold AUC difference ``a - b`` with its 95 % interval and the range of the
+    seeds' means, the corrected repeated-CV t-test's ``p``, Holm-adjusted over the table's comparisons
+    (``p_holm``), the median per-seed DeLong p, and the :func:`ichpro.repeated_cv.call_difference`."""
+    reference = next((r.name for r in rows if r.reference), None)
+    pairs = [(r.name, reference) for r in rows if reference and r.name != reference]
+    pairs += [(r.name, other) for r in rows for other in r.versus]
+    lines = []
+    for a, b in pairs:
+        common = sorted(set(predictions[a]) & set(predictions[b]))
+        if not common:
+            raise IchproError(f"rows {a!r} and {b!r} share no training seed")
+        runs_a, runs_b = ({s: predictions[name][s] for s in common} for name in (a, b))
+        test = compare_over_seeds(runs_a, runs_b)
+        lines.append({"a": a, "b": b, "n_seeds": test["n_seeds"],
+                      "auc_a": np.mean([_pooled_auc(o) for o in runs_a.values()]),
+                      "auc_b": np.mean([_pooled_auc(o) for o in runs_b.values()]),
+                      "difference": test["mean"], "difference_ci_low": test["ci_low"],
+                      "difference_ci_high": test["ci_high"], "difference_seed_min": test["seed_mean_min"],
+                      "difference_seed_max": test["seed_mean_max"], "t": test["t"], "df": test["df"],
+                      "p": test["p"], "delong_p_median": test["delong_p_median"]})
+    columns = ["a", "b", "n_seeds", "auc_a", "auc_b", "difference", "difference_ci_low", "difference_ci_high",
+               "difference_seed_min", "difference_seed_max", "t", "df", "p", "delong_p_median"]
+    tests = pd.DataFrame(lines, columns=columns)
+    tests["p_holm"] = holm(tests["p"]) if len(tests) else []
+    tests["call"] = [call_difference(t.p_holm, t.difference_ci_low, t.difference_ci_high)
+                     for t in tests.itertuples()]
+    return tests
+
+
+def _pooled_auc(oof: pd.DataFrame) -> float:
+    return classification_metrics(oof["label"], oof["p_bad"])["auc"]
 
 
 def fold_aucs(oof: pd.DataFrame) -> pd.Series:
@@ -335,28 +403,30 @@ def paired_auc(predictions: dict[str, pd.DataFrame], a: str, b: str) -> tuple[fl
     return delong_test(first["label"], first["p_bad"], second.to_numpy())
 
 
-def compare_rows(predictions: dict[str, pd.DataFrame], a: str, b: str, table: pd.DataFrame | None = None
-                 ) -> str:
-    """One sentence: row ``a``'s AUC against row ``b``'s on the same patients, with the DeLong p-value.
+def compare_rows(predictions: dict[str, dict[int, pd.DataFrame]], a: str, b: str) -> str:
+    """One sentence: row ``a`` against row ``b`` over the training seeds both have (one comparison on
+    its own: its p is not adjusted for others; :func:`describe_comparison`)."""
+    common = sorted(set(predictions[a]) & set(predictions[b]))
+    tests = comparisons([Row(a, versus=(b,)), Row(b)], {name: {s: predictions[name][s] for s in common}
+                                                        for name in (a, b)})
+    return describe_comparison(tests.iloc[0], adjusted=False)
 
-    With a ``table`` holding both rows' AUC over seeds (:func:`seed_spread`), the difference is
-    called real only when DeLong p < 0.05 *and* the two rows' seed ranges do not overlap.
-    """
-    auc_a, auc_b, p = paired_auc(predictions, a, b)
-    said = (f"{a}: AUC {auc_a:.3f} vs {b}: {auc_b:.3f}, a difference of {auc_a - auc_b:+.3f} "
-            f"(DeLong p = {p:.2g}).")
-    t = None if table is None or "n_seeds" not in table else table.set_index("row")
-    if t is None or t.loc[[a, b], "n_seeds"].isna().any():
-        return said
-    low, high = t.loc[[a, b], "auc_seed_min"], t.loc[[a, b], "auc_seed_max"]
-    apart = _seed_ranges_apart(t, a, b)
-    said += (f" Over {int(t.at[a, 'n_seeds'])} training seeds {a} ranges {low[a]:.3f}-{high[a]:.3f} and {b} "
-             f"{low[b]:.3f}-{high[b]:.3f}: the ranges {'do not overlap' if apart else 'overlap'}.")
-    missing = ([] if p < 0.05 else [f"DeLong p = {p:.2g} is not below 0.05"]) + ([] if apart else
-                                                                               ["the seed ranges overlap"])
-    if not missing:
-        return said + " The difference is real: it beats both the DeLong test and the seed spread."
-    return said + f" The difference is not established: {' and '.join(missing)}."
+
+def describe_comparison(test: pd.Series, adjusted: bool = True) -> str:
+    """A line of :func:`comparisons` as a sentence, ending with its call."""
+    n = int(test["n_seeds"])
+    seeds = "one training seed" if n == 1 else f"the mean over {n} training seeds"
+    p = f"Holm-adjusted p = {test['p_holm']:.2g}" if adjusted else f"p = {test['p']:.2g}, not adjusted"
+    spread = ("" if test["n_seeds"] == 1 else
+              f"; the seeds' mean differences range {test['difference_seed_min']:+.3f} to "
+              f"{test['difference_seed_max']:+.3f}")
+    verdict = {"real": "the difference is real",
+               "equivalent": "the two are equivalent (interval within ±0.02)",
+               "not established": "the difference is not established"}[test["call"]]
+    return (f"{test['a']} {test['auc_a']:.3f} vs {test['b']} {test['auc_b']:.3f} (AUC, {seeds}): per-fold "
+            f"difference {test['difference']:+.3f} (95 % interval {test['difference_ci_low']:+.3f} to "
+            f"{test['difference_ci_high']:+.3f}{spread}); corrected repeated-CV t-test {p}; median DeLong "
+            f"p = {test['delong_p_median']:.2g}: {verdict}.")
 
 
 def _paper_rows(paper_table: str | None) -> dict[str, dict[str, float]]:
@@ -395,43 +465,21 @@ def row_costs(rows: list[Row], profile: Profile, out: str | Path, seed: int = 0)
     return pd.DataFrame(lines)
 
 
-def seed_spread(rows: list[Row], profile: Profile, manifest: pd.DataFrame, out: str | Path, *,
-                seed: int = 0, **run_options) -> pd.DataFrame:
-    """The AUC of every row with more than one seed (:attr:`Row.seeds`), trained (or loaded) with
-    seeds ``seed, seed + 1, ...``: each seed draws its own folds, inner splits and initialisation.
-    One line per such row: ``n_seeds``, ``auc_seed_min``, ``auc_seed_max``, ``auc_seed_sd``."""
-    lines = []
-    seeded = [r for r in rows if r.seeds > 1]
-    train_rows([(r, s) for r in seeded for s in range(seed, seed + r.seeds)], profile, manifest, out,
-               **run_options)
-    for row in seeded:
-        aucs = []
-        for s in range(seed, seed + row.seeds):
-            oof = run_rows([row], profile, manifest, out, seed=s, **run_options)[row.name]
-            aucs.append(classification_metrics(oof["label"], oof["p_bad"])["auc"])
-        lines.append({"row": row.name, "n_seeds": row.seeds, "auc_seed_min": min(aucs),
-                      "auc_seed_max": max(aucs), "auc_seed_sd": float(np.std(aucs, ddof=1))})
-    return pd.DataFrame(lines, columns=["row", "n_seeds", "auc_seed_min", "auc_seed_max", "auc_seed_sd"])
-
-
 def run_table(name: str, profile: Profile, manifest: pd.DataFrame, out: str | Path, *,
               truth: pd.DataFrame | None = None, seed: int = 0, resume: bool = False, quiet: bool = False,
-              cache_dir: Path | None = None, n_boot: int = 1000, workers: int = 1) -> pd.DataFrame:
-    """Run (or load) every row of a named table, each of its seeds, and return its summary (with
-    :func:`row_costs` for the :data:`COSTED_TABLES`, and :func:`seed_spread` where rows have several
-    seeds). ``workers`` runs train at once (:func:`train_rows`)."""
+              cache_dir: Path | None = None, n_boot: int = 1000, workers: int = 1
+              ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run (or load) every row of a named table with each of its seeds; returns its summary
+    (:func:`summarize`, with :func:`row_costs` for the :data:`COSTED_TABLES`) and its
+    :func:`comparisons`. ``workers`` runs train at once (:func:`train_rows`)."""
     rows = table_rows(name)
-    options = {"resume": resume, "quiet": quiet, "cache_dir": cache_dir}
-    train_rows([(row, s) for row in rows for s in range(seed, seed + row.seeds)], profile, manifest, out,
-               workers=workers, **options)
-    predictions = run_rows(rows, profile, manifest, out, seed=seed, **options)
+    train_rows([(row, s) for row in rows for s in row_seeds(row, seed)], profile, manifest, out,
+               workers=workers, resume=resume, quiet=quiet, cache_dir=cache_dir)
+    predictions = load_predictions(rows, profile, out, seed)
     table = summarize(rows, predictions, TABLES[name][0], truth, n_boot=n_boot, seed=seed)
     if name in COSTED_TABLES:
         table = table.merge(row_costs(rows, profile, out, seed), on="row")
-    if any(r.seeds > 1 for r in rows):
-        table = table.merge(seed_spread(rows, profile, manifest, out, seed=seed, **options), on="row",
-                            how="left")
-    return table
+    return table, comparisons(rows, predictions)
 
 
 def auxiliary_metrics(predictions: dict[str, pd.DataFrame], manifest: pd.DataFrame) -> pd.DataFrame:
@@ -477,84 +525,96 @@ def _binary_task(row: str, task: str, target: np.ndarray, p: np.ndarray) -> list
             (row, task, "AUC", classification_metrics(target, p)["auc"])]
 
 
+def _seeds_cell(r: dict) -> str:
+    """A row's AUC over its seeds: "min-max (sd, k seeds)", or "1 seed"."""
+    if r["n_seeds"] == 1:
+        return "1 seed"
+    return (f"{r['auc_seed_min']:.3f}-{r['auc_seed_max']:.3f} (sd {r['auc_seed_sd']:.3f}, "
+            f"{int(r['n_seeds'])} seeds)")
+
+
+def _test_cells(r: dict) -> list[str]:
+    """A row's comparison with the reference: difference (95 % interval), adjusted p, call."""
+    if np.isnan(r["difference"]):
+        return ["reference", "", ""]
+    return [f"{r['difference']:+.3f} ({r['difference_ci_low']:+.3f} to {r['difference_ci_high']:+.3f})",
+            f"{r['p_holm']:.2g}", r["call"]]
+
+
+TEST_HEADER = ["Δ AUC vs reference (95 % interval)", "Holm p", "call"]
+
+
 def to_markdown(table: pd.DataFrame) -> str:
-    """The summary as a Markdown table: paper | ours (95 % CI) per metric, DeLong p and ceiling, and
-    parameters and seconds per fold when the table has them."""
-    costs, seeds = "params" in table.columns, "n_seeds" in table.columns
-    header = (["row"] + [f"{m} paper \\| ours (95 % CI)" for m in TABLE_METRICS] + ["DeLong p", "ceiling AUC"]
-              + (["trainable params", "s / fold"] if costs else [])
-              + (["AUC over seeds: min–max (sd)"] if seeds else []))
+    """The summary as a Markdown table: paper | ours (95 % interval) per metric, ours as the mean over
+    seeds; the AUC's seed range; the comparison with the reference; the ceiling; and parameters and
+    seconds per fold when the table has them."""
+    costs = "params" in table.columns
+    header = (["row"] + [f"{m} paper \\| ours (95 % CI)" for m in TABLE_METRICS] + ["AUC over seeds"]
+              + TEST_HEADER + ["ceiling AUC"] + (["trainable params", "s / fold"] if costs else []))
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in table.to_dict("records"):
         cells = [r["row"]]
         for m in TABLE_METRICS:
             paper = "—" if np.isnan(r[f"paper_{m}"]) else f"{r[f'paper_{m}']:.3f}"
             cells.append(f"{paper} \\| {r[m]:.3f} ({r[f'{m}_ci_low']:.3f}–{r[f'{m}_ci_high']:.3f})")
-        cells.append("—" if np.isnan(r["delong_p"]) else f"{r['delong_p']:.2g}")
-        cells.append("—" if np.isnan(r["ceiling_auc"]) else f"{r['ceiling_auc']:.3f}")
+        ceiling = "—" if np.isnan(r["ceiling_auc"]) else f"{r['ceiling_auc']:.3f}"
+        cells += [_seeds_cell(r), *_test_cells(r), ceiling]
         if costs:
             cells.append("—" if np.isnan(r["params"]) else f"{int(r['params']):,}")
             cells.append("—" if np.isnan(r["seconds_per_fold"]) else f"{r['seconds_per_fold']:.1f}")
-        if seeds:
-            cells.append("—" if np.isnan(r["n_seeds"]) else
-                         f"{r['auc_seed_min']:.3f}–{r['auc_seed_max']:.3f} ({r['auc_seed_sd']:.3f}, "
-                         f"{int(r['n_seeds'])} seeds)")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def readme_table(table: pd.DataFrame) -> str:
-    """The README's short form of a results table: AUC with CI, DeLong p, ceiling, and the seed spread
-    or the cost columns where the table has them (the README's tables are this, from the CSVs)."""
-    seeds = "n_seeds" in table.columns and table["n_seeds"].notna().any()
-    costs = "params" in table.columns
-    header = (["row", "paper AUC", "ours AUC (95 % CI)", "DeLong p", "ceiling"]
-              + (["trainable params", "s / fold"] if costs else [])
-              + (["AUC over seeds: min-max (sd)"] if seeds else []))
+    """The README's short form of a results table: the paper's AUC, ours (mean over seeds, 95 %
+    interval, seed range), the comparison with the reference, the ceiling (from the CSVs)."""
+    header = ["row", "paper AUC", "ours: AUC (95 % CI)", "over seeds", *TEST_HEADER, "ceiling"]
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     for r in table.to_dict("records"):
-        cells = [r["row"], "not in the paper" if np.isnan(r["paper_auc"]) else f"{r['paper_auc']:.3f}",
-                 f"{r['auc']:.3f} ({r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f})",
-                 "" if np.isnan(r["delong_p"]) else f"{r['delong_p']:.2g}", f"{r['ceiling_auc']:.3f}"]
-        if costs:
-            cells += [f"{int(r['params']):,}", f"{r['seconds_per_fold']:.1f}"]
-        if seeds:
-            cells.append("" if np.isnan(r["n_seeds"]) else f"{r['auc_seed_min']:.3f}-{r['auc_seed_max']:.3f} "
-                         f"({r['auc_seed_sd']:.3f}, {int(r['n_seeds'])} seeds)")
-        lines.append("| " + " | ".join(cells).rstrip() + " |")
+        cells = [r["row"], "—" if np.isnan(r["paper_auc"]) else f"{r['paper_auc']:.3f}",
+                 f"{r['auc']:.3f} ({r['auc_ci_low']:.3f}-{r['auc_ci_high']:.3f})", _seeds_cell(r),
+                 *_test_cells(r), f"{r['ceiling_auc']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def describe_table(table: pd.DataFrame, reference: str) -> list[str]:
-    """Sentences about a results table that hold whatever its numbers are (best rows, DeLong, ranks)."""
+def describe_table(table: pd.DataFrame, tests: pd.DataFrame, reference: str) -> list[str]:
+    """Sentences about a results table that hold whatever its numbers are: the best rows, the calls of
+    its comparisons (:func:`comparisons`), the rank agreement with the paper, the gaps to the ceiling."""
     t = table.set_index("row")
 
     def ci(r: str) -> str:
         return f"{t.at[r, 'auc']:.3f} (95 % CI {t.at[r, 'auc_ci_low']:.3f}-{t.at[r, 'auc_ci_high']:.3f})"
 
     best, paper = t["auc"].idxmax(), t.dropna(subset=["paper_auc"])
-    paper_best = paper["paper_auc"].idxmax()
-    said = [f"Best row by AUC: ours {best}, {ci(best)}; the paper's {paper_best}, "
-            f"{paper.at[paper_best, 'paper_auc']:.3f}" + (" (the same row)." if best == paper_best
-                                                          else " (not the same row).")]
+    said = [f"Best row by AUC (mean over its seeds): ours {best}, {ci(best)}"]
+    if len(paper):
+        paper_best = paper["paper_auc"].idxmax()
+        said[0] += (f"; the paper's {paper_best}, {paper.at[paper_best, 'paper_auc']:.3f}"
+                    + (" (the same row)." if best == paper_best else " (not the same row)."))
+    else:
+        said[0] += "."
     if best != reference:
         rank = int(t["auc"].rank(ascending=False, method="min")[reference])
-        overlap = t.at[reference, "auc_ci_high"] >= t.at[best, "auc_ci_low"]
-        said.append(f"{reference} ranks {rank} of {len(t)} with AUC {ci(reference)}; its CI "
-                    f"{'overlaps' if overlap else 'does not overlap'} the best row's.")
-    p = t["delong_p"].dropna()
-    sig = list(p.index[p < 0.05])
-    said.append(f"{len(sig)} of {len(p)} rows differ from {reference} at p < 0.05 (DeLong, uncorrected; "
-                f"{(p < 0.05 / len(p)).sum()} at the Bonferroni threshold p < {0.05 / len(p):.3g})"
-                + (f": {'; '.join(sig)}." if sig else "."))
-    rho = spearmanr(paper["paper_auc"], paper["auc"]).statistic
-    said.append(f"Spearman rank correlation of the paper's AUCs with ours over the {len(paper)} rows the "
-                "paper has: " + ("undefined (tied AUCs)." if np.isnan(rho) else f"rho = {rho:+.2f}"
-                                 + (f" (with {len(paper)} rows rho can take only a few values)."
-                                    if len(paper) < 5 else ".")))
-    if "n_seeds" in t and pd.notna(t.at[reference, "n_seeds"]):
-        said.append(_seed_sentence(t, reference, p))
-    gap = t["ceiling_auc"] - t["auc"]
+        said.append(f"{reference} ranks {rank} of {len(t)} with AUC {ci(reference)}.")
+    for call, meaning in (("real", "real (Holm-adjusted corrected repeated-CV t-test, p < 0.05)"),
+                          ("equivalent", "equivalent (95 % interval of the difference within ±0.02)"),
+                          ("not established", "not established (neither real nor equivalent)")):
+        chosen = tests[tests["call"] == call]
+        listed = "; ".join(f"{a} vs {b} {d:+.3f}"
+                           for a, b, d in zip(chosen["a"], chosen["b"], chosen["difference"]))
+        said.append(f"{len(chosen)} of {len(tests)} comparisons {meaning}"
+                    + (f": {listed}." if listed else "."))
+    if len(paper) >= 2:
+        rho = spearmanr(paper["paper_auc"], paper["auc"]).statistic
+        said.append(f"Spearman rank correlation of the paper's AUCs with ours over the {len(paper)} rows the "
+                    "paper has: " + ("undefined (tied AUCs)." if np.isnan(rho) else f"rho = {rho:+.2f}"
+                                     + (f" (with {len(paper)} rows rho can take only a few values)."
+                                        if len(paper) < 5 else ".")))
+    gap = (t["ceiling_auc"] - t["auc"]).dropna()
+    if gap.empty:
+        return said
     said.append("Gap to the oracle ceiling (ceiling AUC - our AUC): "
                 + "; ".join(f"{r} {g:+.3f}" for r, g in gap.items())
                 + f"; smallest for {gap.idxmin()}, largest for {gap.idxmax()}.")
@@ -564,32 +624,14 @@ def describe_table(table: pd.DataFrame, reference: str) -> list[str]:
     return said
 
 
-def _seed_sentence(t: pd.DataFrame, reference: str, p: pd.Series) -> str:
-    """The seed ranges of the rows trained with several seeds, and which differ from the reference
-    beyond both DeLong p < 0.05 and the seed spread."""
-    seeded = [r for r in t.index[t["n_seeds"].notna()] if r != reference]
-    real = [r for r in seeded if p.get(r, 1.0) < 0.05 and _seed_ranges_apart(t, r, reference)]
-    ranges = "; ".join(f"{r} {t.at[r, 'auc_seed_min']:.3f}-{t.at[r, 'auc_seed_max']:.3f}"
-                       for r in [reference, *seeded])
-    beyond = "beyond both DeLong p < 0.05 and the seed spread"
-    verdict = (f"differences from {reference} {beyond}: {', '.join(real)}" if real
-               else f"no difference from {reference} is {beyond}")
-    return (f"Over {int(t.at[reference, 'n_seeds'])} training seeds (each with its own folds and "
-            f"initialisation) the AUC ranges {ranges}; {verdict}. Rows trained with one seed are not "
-            "checked against the spread.")
-
-
-def _seed_ranges_apart(t: pd.DataFrame, a: str, b: str) -> bool:
-    """Whether rows ``a`` and ``b`` (index of ``t``) have AUC ranges over seeds that do not overlap."""
-    return bool(max(t.at[a, "auc_seed_min"], t.at[b, "auc_seed_min"])
-                > min(t.at[a, "auc_seed_max"], t.at[b, "auc_seed_max"]))
-
-
-def write_table(table: pd.DataFrame, path_stem: str | Path, title: str) -> list[Path]:
-    """Write ``<stem>.csv``, ``<stem>.md`` and the AUC figure ``<stem>.png``; returns the paths."""
+def write_table(table: pd.DataFrame, tests: pd.DataFrame, path_stem: str | Path, title: str) -> list[Path]:
+    """Write ``<stem>.csv``, the comparisons ``<stem>_comparisons.csv``, ``<stem>.md`` and the AUC
+    figure ``<stem>.png``; returns the paths."""
     stem = Path(path_stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(stem.with_suffix(".csv"), index=False, float_format="%.6g")  # small p-values too
+    comparisons_csv = stem.with_name(stem.name + "_comparisons.csv")
+    tests.to_csv(comparisons_csv, index=False, float_format="%.6g")
     stem.with_suffix(".md").write_text(f"# {title}\n\n" + to_markdown(table))
     figure = save_figure(plot_table_auc(table, title), stem.with_suffix(".png"))
-    return [stem.with_suffix(".csv"), stem.with_suffix(".md"), figure]
+    return [stem.with_suffix(".csv"), comparisons_csv, stem.with_suffix(".md"), figure]

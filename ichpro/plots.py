@@ -96,24 +96,38 @@ def plot_roc(labels: np.ndarray, scores: dict[str, np.ndarray], title: str = "")
 
 
 def plot_table_auc(table: pd.DataFrame, title: str) -> plt.Figure:
-    """AUC per row of a results table: ours with its 95 % CI (and its range over training seeds where
-    the table has one, :func:`ichpro.experiments.seed_spread`), the paper's value, the oracle ceiling."""
-    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(table) + 1.4))
+    """AUC per row of a results table (:func:`ichpro.experiments.summarize`): ours (mean over the
+    training seeds, 95 % interval, range over the seeds) and the oracle ceiling on this cohort in one
+    panel, the paper's AUC on its own cohort in another, each axis fitted to its numbers."""
+    has_paper = table["paper_auc"].notna().any()
+    fig, axes = plt.subplots(1, 2 if has_paper else 1, sharey=True, squeeze=False,
+                             figsize=(9.5 if has_paper else 7.5, 0.45 * len(table) + 1.6),
+                             gridspec_kw={"width_ratios": [3, 1] if has_paper else [1]})
+    ax = axes[0, 0]
     y = np.arange(len(table))[::-1]
     errors = [table["auc"] - table["auc_ci_low"], table["auc_ci_high"] - table["auc"]]
-    ax.errorbar(table["auc"], y, xerr=errors, fmt="o", color="tab:blue", capsize=3, label="ours (95 % CI)")
-    ax.scatter(table["paper_auc"], y, marker="x", color="tab:red", zorder=3, label="paper")
+    seeded = (table["n_seeds"] > 1).to_numpy()
+    ax.hlines(y[seeded], table["auc_seed_min"][seeded], table["auc_seed_max"][seeded], color="tab:orange",
+              lw=7, alpha=0.4, zorder=1, label="range over training seeds")
+    ax.errorbar(table["auc"], y, xerr=errors, fmt="o", color="tab:blue", capsize=3,
+                label="mean over seeds (95 % CI)")
     ax.scatter(table["ceiling_auc"], y, marker="|", s=200, color="black", zorder=3, label="oracle ceiling")
-    if "auc_seed_min" in table:
-        seeded = table["n_seeds"].notna().to_numpy()
-        ax.hlines(y[seeded], table["auc_seed_min"][seeded], table["auc_seed_max"][seeded], color="tab:orange",
-                  lw=7, alpha=0.4, zorder=1, label="ours, range over training seeds")
-    ax.axvline(0.5, color="grey", lw=0.8, ls=":")
+    shown = pd.concat([table["auc_ci_low"], table["auc_ci_high"], table["ceiling_auc"]]).dropna()
+    ax.set_xlim(shown.min() - 0.01, min(1.0, shown.max() + 0.01))
     ax.set_yticks(y, table["row"])
-    ax.set_xlim(min(0.4, np.nanmin(table["auc_ci_low"]) - 0.02), 1.0)
-    ax.set_xlabel("ROC AUC (out-of-fold)")
-    ax.set_title(title, fontsize=10)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    ax.set_xlabel("ROC AUC on this synthetic cohort (out-of-fold)")
+    ax.grid(axis="x", lw=0.4, alpha=0.5)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / len(table)), ncol=3, fontsize=8,
+              frameon=False)
+    if has_paper:
+        right = axes[0, 1]
+        right.scatter(table["paper_auc"], y, marker="x", color="tab:red", zorder=3)
+        reported = table["paper_auc"].dropna()
+        right.set_xlim(reported.min() - 0.02, min(1.0, reported.max() + 0.02))
+        right.set_xlabel("paper's AUC\n(its own cohort)")
+        right.grid(axis="x", lw=0.4, alpha=0.5)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
     return fig
 
 

@@ -12,25 +12,28 @@ from ichpro.cli import main
 from ichpro.config import get_profile
 from ichpro.errors import IchproError
 from ichpro.experiments import (
+    COMPARISON_COLUMNS,
     TABLE_METRICS,
     TABLES,
     VARIANT,
     Row,
     compare_rows,
+    comparisons,
     describe_table,
     fold_aucs,
+    load_predictions,
     paired_auc,
     row_folder,
     row_manifest,
     row_profile,
     run_rows,
-    seed_spread,
     summarize,
     summed_logits,
     table_rows,
     train_rows,
     write_table,
 )
+from ichpro.repeated_cv import holm
 
 SMOKE = get_profile("smoke")
 
@@ -58,8 +61,9 @@ def fake_train(calls):
                                                   profile.loss.terms))) % 2**32)
             folder.mkdir(parents=True, exist_ok=True)
             p_bad = np.clip(manifest["label"] * 0.4 + rng.uniform(0, 0.6, len(manifest)), 0, 1)
-            pd.DataFrame({"patient_id": manifest["patient_id"], "fold": 0, "p_bad": p_bad,
-                          "label": manifest["label"]}).to_csv(folder / "oof_predictions.csv", index=False)
+            pd.DataFrame({"patient_id": manifest["patient_id"], "fold": np.arange(len(manifest)) % 5,
+                          "p_bad": p_bad, "label": manifest["label"]}).to_csv(folder / "oof_predictions.csv",
+                                                                               index=False)
     return train
 
 
@@ -108,7 +112,8 @@ def test_only_the_variant_adds_to_the_papers_loss_and_every_ichpro_row_is_the_pa
             terms = dict(trained.loss.terms)
             if row.name == VARIANT:
                 assert terms == {"ce": 1.0, "imima": 1.0, "sdm": 1.0, "mlm": 1.0, "numbers": 3.0}
-                assert trained.model.vision_dropout == 0.0 and row.versus in ((), ("Text only", "Vision only"))
+                assert trained.model.vision_dropout == 0.0
+                assert row.versus in ((), ("Text only", "Vision only"))
             else:
                 assert "numbers" not in terms, (table, row.name)
             if "ICHPro" in row.name and "ours" not in row.name:
@@ -140,59 +145,64 @@ def test_finished_rows_are_reused_and_unfinished_ones_resumed(tmp_path):
     assert len(calls) == len(rows) + 1 and calls[-1][2] is True  # continued with resume
 
 
-def test_summary_columns_paper_numbers_delong_and_ceiling(tmp_path):
+def test_summary_columns_paper_numbers_seeds_comparisons_and_ceiling(tmp_path):
     manifest, truth = cohort()
     rows = table_rows("table1_modalities")
-    predictions = run_rows(rows, SMOKE, manifest, tmp_path, train=fake_train([]), quiet=True)
+    jobs = [(r, s) for r in rows for s in range(r.seeds)]
+    train_rows(jobs, SMOKE, manifest, tmp_path, train=fake_train([]), quiet=True)
+    predictions = load_predictions(rows, SMOKE, tmp_path)
+    assert all(sorted(by_seed) == [0, 1, 2] for by_seed in predictions.values())
     table = summarize(rows, predictions, "1_modalities", truth, n_boot=200)
-    expected = ["row"] + [c for m in TABLE_METRICS for c in (f"paper_{m}", m, f"{m}_ci_low", f"{m}_ci_high")]
-    assert list(table.columns) == expected + ["delong_p", "ceiling_auc"]
+    metrics = [c for m in TABLE_METRICS for c in (f"paper_{m}", m, f"{m}_ci_low", f"{m}_ci_high")]
+    seeds = ["auc_seed_min", "auc_seed_max", "auc_seed_sd"]
+    assert list(table.columns) == (["row", "n_seeds", *metrics, *seeds, *COMPARISON_COLUMNS, "ceiling_auc",
+                                    "auc_seed0", "auc_seed1", "auc_seed2"])
     text, vision, ichpro = (table.iloc[i] for i in range(3))
     assert text["paper_accuracy"] == pytest.approx(0.6915) and ichpro["paper_auc"] == pytest.approx(0.9429)
     assert np.isnan(table.iloc[3]["paper_auc"])  # not in the paper
-    assert np.isnan(ichpro["delong_p"]) and 0 <= text["delong_p"] <= 1
+    assert np.isnan(ichpro["p_holm"]) and 0 <= text["p"] <= text["p_holm"] <= 1
     ordered = truth.set_index("patient_id").loc[sorted(manifest["patient_id"])]
     for row, oracle in ((text, "p_bad_oracle_report"), (vision, "p_bad_oracle_image")):
         assert row["ceiling_auc"] == pytest.approx(roc_auc_score(ordered["label"], ordered[oracle]))
+    aucs = [roc_auc_score(o["label"], o["p_bad"]) for o in predictions["Text only"].values()]
+    assert text["auc"] == pytest.approx(np.mean(aucs)) and text["auc_seed_max"] == pytest.approx(max(aucs))
     assert (table["auc_ci_low"] <= table["auc"]).all() and (table["auc"] <= table["auc_ci_high"]).all()
-    # a row identical to the reference has DeLong p = 1
-    twin = summarize([Row("a", reference=True), Row("b")], {"a": predictions["ICHPro"],
-                                                            "b": predictions["ICHPro"]}, None, truth)
-    assert twin.iloc[1]["delong_p"] == 1.0 and np.isnan(twin.iloc[0]["paper_auc"])
-    paths = write_table(table, tmp_path / "table1_modalities", "Table 1")
-    assert [p.suffix for p in paths] == [".csv", ".md", ".png"] and all(p.stat().st_size for p in paths)
-    assert "0.943" in paths[1].read_text()
+    tests = comparisons(rows, predictions)
+    assert len(tests) == len(rows) - 1 + 3  # each row vs ICHPro, vision vs text, the variant vs both
+    assert ((tests["a"] == VARIANT) & (tests["b"] == "Vision only")).any()
+    assert tests["p_holm"].tolist() == pytest.approx(holm(tests["p"]).tolist())
+    paths = write_table(table, tests, tmp_path / "table1_modalities", "Table 1")
+    assert [p.name for p in paths] == ["table1_modalities.csv", "table1_modalities_comparisons.csv",
+                                       "table1_modalities.md", "table1_modalities.png"]
+    assert all(p.stat().st_size for p in paths) and "0.943" in paths[2].read_text()
 
 
-def test_the_table_figure_shows_the_seed_range_where_a_row_has_one():
+def test_the_table_figure_shows_the_seed_range_and_the_paper_apart():
     from ichpro.plots import plot_table_auc
 
     table = pd.DataFrame({"row": ["a", "b"], "auc": [0.8, 0.7], "auc_ci_low": [0.75, 0.65],
-                          "auc_ci_high": [0.85, 0.75], "paper_auc": [0.9, np.nan],
-                          "ceiling_auc": [0.95, 0.95]})
-
-    def labels(fig):
-        return [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-
-    assert "ours, range over training seeds" not in labels(plot_table_auc(table, "t"))
-    seeded = table.assign(n_seeds=[3, np.nan], auc_seed_min=[0.78, np.nan], auc_seed_max=[0.82, np.nan])
-    fig = plot_table_auc(seeded, "t")
-    assert "ours, range over training seeds" in labels(fig)
-    (bars,) = [c for c in fig.axes[0].collections if c.get_label() == "ours, range over training seeds"]
+                          "auc_ci_high": [0.85, 0.75], "paper_auc": [0.9, np.nan], "ceiling_auc": 0.95,
+                          "n_seeds": [3, 1], "auc_seed_min": [0.78, 0.7], "auc_seed_max": [0.82, 0.7]})
+    fig = plot_table_auc(table, "t")
+    (bars,) = [c for c in fig.axes[0].collections if c.get_label() == "range over training seeds"]
     assert [tuple(seg[:, 0]) for seg in bars.get_segments()] == [(0.78, 0.82)]  # row a only
+    assert len(fig.axes) == 2 and fig.axes[0].get_xlim()[0] > 0.6  # the axis fits the numbers
+    assert len(plot_table_auc(table.assign(paper_auc=np.nan), "t").axes) == 1
 
 
 def test_rows_are_compared_patient_by_patient_whatever_their_order():
-    manifest, _ = cohort()
-    a = pd.DataFrame({"patient_id": manifest["patient_id"], "label": manifest["label"],
-                      "p_bad": np.linspace(0, 1, len(manifest))})
+    manifest, _ = cohort(100)
+    folds = np.arange(len(manifest)) % 5
+    a = pd.DataFrame({"patient_id": manifest["patient_id"], "fold": folds, "label": manifest["label"],
+                      "p_bad": np.random.default_rng(1).uniform(size=len(manifest))})
     b = a.assign(p_bad=a["label"] * 0.5 + 0.25)
-    shuffled = {"a": a, "b": b.sample(frac=1, random_state=0)}
-    auc_a, auc_b, p = paired_auc(shuffled, "a", "b")
-    assert auc_a == pytest.approx(roc_auc_score(a["label"], a["p_bad"])) and auc_b == pytest.approx(1.0)
-    assert paired_auc({"a": a, "b": b}, "a", "b") == pytest.approx((auc_a, auc_b, p))
-    assert compare_rows(shuffled, "b", "a") == (f"b: AUC 1.000 vs a: {auc_a:.3f}, a difference of "
-                                                f"{1 - auc_a:+.3f} (DeLong p = {p:.2g}).")
+    shuffled = {"a": {0: a}, "b": {0: b.sample(frac=1, random_state=0)}}
+    said = compare_rows(shuffled, "b", "a")
+    assert compare_rows({"a": {0: a}, "b": {0: b}}, "b", "a") == said
+    auc_a = roc_auc_score(a["label"], a["p_bad"])
+    assert said.startswith(f"b 1.000 vs a {auc_a:.3f} (AUC, one training seed): per-fold difference +")
+    delong = paired_auc({"a": a, "b": b}, "b", "a")[2]
+    assert said.endswith(f"not adjusted; median DeLong p = {delong:.2g}: the difference is real.")
 
 
 def test_table_command_rejects_an_unknown_table(tmp_path, capsys):
@@ -200,7 +210,7 @@ def test_table_command_rejects_an_unknown_table(tmp_path, capsys):
     assert "unknown table 'table7'" in capsys.readouterr().err
 
 
-def test_seed_spread_trains_each_seed_once_and_reports_its_auc_range(tmp_path):
+def test_a_tables_seeds_train_together_once_and_every_seed_is_summarised(tmp_path):
     manifest, _ = cohort()
     calls = []
 
@@ -208,31 +218,40 @@ def test_seed_spread_trains_each_seed_once_and_reports_its_auc_range(tmp_path):
         calls.append(list(folders))
         seeded_train(profile, manifest, folders, resume=resume, quiet=quiet, cache_dir=cache_dir)
 
-    rows = [Row("A", seeds=3), Row("B", model={"fusion": "self"}, seeds=1)]
-    spread = seed_spread(rows, SMOKE, manifest, tmp_path, seed=5, train=train, quiet=True)
-    assert calls == [[5, 6, 7]] and list(spread["row"]) == ["A"]  # the seeds together; one-seed rows skipped
-    oofs = [pd.read_csv(row_folder(tmp_path, SMOKE, rows[0], s) / "oof_predictions.csv") for s in (5, 6, 7)]
-    aucs = [roc_auc_score(manifest["label"], oof["p_bad"]) for oof in oofs]
-    assert spread.loc[0, "auc_seed_min"] == pytest.approx(min(aucs))
-    assert spread.loc[0, "auc_seed_max"] == pytest.approx(max(aucs))
-    assert spread.loc[0, "auc_seed_sd"] == pytest.approx(np.std(aucs, ddof=1))
-    seed_spread(rows, SMOKE, manifest, tmp_path, seed=5, train=train, quiet=True)
-    assert len(calls) == 1  # finished seeds are loaded, not retrained
+    rows = [Row("A", seeds=3), Row("B", model={"fusion": "self"}, seeds=1, reference=True)]
+    train_rows([(r, s) for r in rows for s in range(5, 5 + r.seeds)], SMOKE, manifest, tmp_path, train=train,
+               quiet=True)
+    assert calls == [[5, 6, 7], [5]]  # a row's seeds together
+    predictions = load_predictions(rows, SMOKE, tmp_path, seed=5)
+    table = summarize(rows, predictions, None, n_boot=100).set_index("row")
+    aucs = [roc_auc_score(o["label"], o["p_bad"]) for o in predictions["A"].values()]
+    assert table.at["A", "auc_seed_min"] == pytest.approx(min(aucs))
+    assert table.at["A", "auc_seed_sd"] == pytest.approx(np.std(aucs, ddof=1))
+    assert [table.at["A", f"auc_seed{s}"] for s in (5, 6, 7)] == pytest.approx(aucs)
+    assert table.at["B", "n_seeds"] == 1 and np.isnan(table.at["B", "auc_seed6"])
+    assert comparisons(rows, predictions).at[0, "n_seeds"] == 1  # compared on the seeds both rows have
 
 
-def test_a_difference_is_real_only_beyond_both_delong_and_the_seed_spread():
+def test_a_difference_is_real_only_by_the_adjusted_corrected_test():
     labels = np.tile([0, 1], 50)
     ids = [f"P{i:03d}" for i in range(100)]
-    good = pd.DataFrame({"patient_id": ids, "label": labels, "p_bad": labels * 0.8 + 0.1})
-    bad = good.assign(p_bad=np.random.default_rng(0).uniform(size=100))
-    oof = {"good": good, "bad": bad}
-    spread = pd.DataFrame({"row": ["good", "bad"], "n_seeds": [3, 3]})
-    apart = spread.assign(auc_seed_min=[0.95, 0.45], auc_seed_max=[1.0, 0.55])
-    assert "The difference is real" in compare_rows(oof, "good", "bad", apart)
-    overlapping = spread.assign(auc_seed_min=[0.5, 0.45], auc_seed_max=[1.0, 0.9])
-    said = compare_rows(oof, "good", "bad", overlapping)
-    assert "not established: the seed ranges overlap." in said
-    assert "seeds" not in compare_rows(oof, "good", "bad")
+    runs = {}
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        folds = rng.permutation(np.arange(100) % 5)
+        base = pd.DataFrame({"patient_id": ids, "fold": folds, "label": labels})
+        runs.setdefault("good", {})[seed] = base.assign(p_bad=labels * 0.6 + rng.uniform(0, 0.4, 100))
+        runs.setdefault("bad", {})[seed] = base.assign(p_bad=rng.uniform(size=100))
+        runs.setdefault("twin", {})[seed] = runs["good"][seed].assign(p_bad=lambda o: o["p_bad"] * 0.9)
+    assert compare_rows(runs, "good", "bad").endswith("the difference is real.")
+    assert "the two are equivalent" in compare_rows(runs, "good", "twin")  # same ranking: difference 0
+    rows = [Row("good", reference=True), Row("bad"), Row("twin")]
+    tests = comparisons(rows, runs)
+    said = describe_table(summarize(rows, runs, None, n_boot=50), tests, "good")
+    assert said[1].startswith("1 of 2 comparisons real (Holm-adjusted corrected repeated-CV t-test, "
+                              "p < 0.05): bad vs good -")
+    assert said[2].startswith("1 of 2 comparisons equivalent (95 % interval of the difference within ±0.02): "
+                              "twin vs good")
 
 
 def seeded_train(profile, manifest, folders, *, resume, quiet, cache_dir):
@@ -242,7 +261,7 @@ def seeded_train(profile, manifest, folders, *, resume, quiet, cache_dir):
         rng = np.random.default_rng(seed)
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "pid").write_text(str(os.getpid()))
-        pd.DataFrame({"patient_id": manifest["patient_id"], "fold": 0,
+        pd.DataFrame({"patient_id": manifest["patient_id"], "fold": np.arange(len(manifest)) % 5,
                       "p_bad": manifest["label"] * 0.3 + rng.uniform(0, 0.7, len(manifest)),
                       "label": manifest["label"]}).to_csv(folder / "oof_predictions.csv", index=False)
 
@@ -266,21 +285,6 @@ def test_workers_train_each_row_in_a_process_of_its_own_with_the_serial_results(
     (row_folder(tmp_path / "parallel", profile, *jobs[0]) / "pid").unlink()
     train_rows(jobs, profile, manifest, tmp_path / "parallel", train=seeded_train, workers=2, quiet=True)
     assert not (row_folder(tmp_path / "parallel", profile, *jobs[0]) / "pid").exists()  # finished: not rerun
-
-
-def test_table_readings_call_a_difference_real_only_beyond_delong_and_the_seed_spread():
-    nan = np.nan
-    table = pd.DataFrame({
-        "row": ["A", "B", "C", "Ref"], "paper_auc": [0.8, 0.7, nan, 0.9], "auc": [0.85, 0.80, 0.70, 0.75],
-        "auc_ci_low": [0.8, 0.75, 0.65, 0.7], "auc_ci_high": [0.9, 0.85, 0.75, 0.8],
-        "delong_p": [0.01, 0.01, 0.001, nan], "ceiling_auc": 0.9, "n_seeds": [3, 3, nan, 3],
-        "auc_seed_min": [0.82, 0.74, nan, 0.73], "auc_seed_max": [0.86, 0.81, nan, 0.77]})
-    said = next(s for s in describe_table(table, "Ref") if s.startswith("Over 3 training seeds"))
-    assert "the AUC ranges Ref 0.730-0.770; A 0.820-0.860; B 0.740-0.810;" in said
-    # B has p < 0.05 but its seed range overlaps the reference's; C has a single seed
-    assert "differences from Ref beyond both DeLong p < 0.05 and the seed spread: A." in said
-    without_seeds = table.drop(columns=["n_seeds", "auc_seed_min", "auc_seed_max"])
-    assert not any(s.startswith("Over") for s in describe_table(without_seeds, "Ref"))
 
 
 def test_summed_logits_add_the_runs_log_odds_patient_by_patient():

@@ -3,7 +3,7 @@ table printed from its numbers, late fusion over seeds, the Hospital Stay field 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from itertools import combinations
 from pathlib import Path
 
@@ -14,7 +14,7 @@ import seaborn as sns
 
 from ichpro.config import Profile
 from ichpro.errors import IchproError
-from ichpro.experiments import Row, fold_aucs, paired_auc, row_costs, row_folder, run_rows, summed_logits
+from ichpro.experiments import Row, comparisons, fold_aucs, row_costs, row_folder, run_rows, summed_logits
 from ichpro.metrics import classification_metrics
 from ichpro.train import OOF_FILE
 
@@ -46,8 +46,10 @@ def row_status(rows: list[Row], profile: Profile, out: Path, seed: int, finished
 
 
 def auc_versus_ceiling(table: pd.DataFrame) -> pd.DataFrame:
-    """The AUC columns of a results table and each row's gap to its oracle ceiling (index: row)."""
-    auc = table.set_index("row")[["paper_auc", "auc", "auc_ci_low", "auc_ci_high", "delong_p", "ceiling_auc"]]
+    """The AUC columns of a results table (ours: mean over seeds), its comparison with the reference
+    and each row's gap to its oracle ceiling (index: row)."""
+    auc = table.set_index("row")[["paper_auc", "auc", "auc_ci_low", "auc_ci_high", "n_seeds", "auc_seed_min",
+                                  "auc_seed_max", "difference", "p_holm", "call", "ceiling_auc"]]
     return auc.assign(gap=auc["ceiling_auc"] - auc["auc"])
 
 
@@ -75,23 +77,24 @@ def describe_ceilings(table: pd.DataFrame, fused: str, image: str, report: str) 
 
 
 def late_fusion_runs(single: tuple[Row, Row], fused: Row, profile: Profile, manifest: pd.DataFrame, out: Path,
-                     seeds: Iterable[int], **run_options) -> dict[int, dict[str, pd.DataFrame]]:
-    """For each seed, the out-of-fold predictions of two single-modality rows, of the fused row
-    and of the single rows' summed logits (:data:`SUMMED`; :func:`ichpro.experiments.summed_logits`),
+                     seeds: Iterable[int], **run_options) -> dict[str, dict[int, pd.DataFrame]]:
+    """The out-of-fold predictions (``row -> seed -> table``) of two single-modality rows, of the fused
+    row and of the single rows' summed logits (:data:`SUMMED`; :func:`ichpro.experiments.summed_logits`),
     trained first where not finished (:func:`ichpro.experiments.run_rows`)."""
-    runs = {}
+    runs: dict[str, dict[int, pd.DataFrame]] = {}
     for s in seeds:
-        runs[s] = run_rows([*single, fused], profile, manifest, out, seed=s, **run_options)
-        runs[s][SUMMED] = summed_logits([runs[s][single[0].name], runs[s][single[1].name]])
+        for name, oof in run_rows([*single, fused], profile, manifest, out, seed=s, **run_options).items():
+            runs.setdefault(name, {})[s] = oof
+        runs.setdefault(SUMMED, {})[s] = summed_logits([runs[single[0].name][s], runs[single[1].name][s]])
     return runs
 
 
-def pooled_vs_per_fold(runs: dict[int, dict[str, pd.DataFrame]]) -> pd.DataFrame:
+def pooled_vs_per_fold(runs: dict[str, dict[int, pd.DataFrame]]) -> pd.DataFrame:
     """Per (row, seed): pooled AUC, recalibrated and uncalibrated (NaN without ``p_bad_uncalibrated``),
     the mean of the per-fold AUCs and the range of the folds' mean P(bad)."""
     lines = []
-    for seed, by_row in runs.items():
-        for name, o in by_row.items():
+    for name, by_seed in runs.items():
+        for seed, o in by_seed.items():
             means = o.groupby("fold")["p_bad"].mean()
             raw = o.get("p_bad_uncalibrated")
             lines.append({"row": name, "seed": seed,
@@ -158,23 +161,25 @@ def describe_probe(layers: pd.DataFrame, used: int, row: pd.Series) -> list[str]
             f"the ceiling: {row['ceiling_auc']:.3f}."]
 
 
-def versus_row(predictions: dict[str, pd.DataFrame], baseline: str) -> pd.DataFrame:
-    """Every other row against ``baseline`` on the same patients: ``auc``, ``baseline_auc``, the
-    paired DeLong ``delong_p`` (:func:`ichpro.experiments.paired_auc`) and ``gain`` (index: row)."""
-    lines = [(name, *paired_auc(predictions, name, baseline)) for name in predictions if name != baseline]
-    versus = pd.DataFrame(lines, columns=["row", "auc", "baseline_auc", "delong_p"]).set_index("row")
-    return versus.assign(gain=versus["auc"] - versus["baseline_auc"])
+def versus_row(rows: list[Row], predictions: dict[str, dict[int, pd.DataFrame]], baseline: str
+               ) -> pd.DataFrame:
+    """Every other row against ``baseline`` (:func:`ichpro.experiments.comparisons`, Holm-adjusted over
+    these comparisons; index: row)."""
+    tested = [Row(r.name, versus=(baseline,)) for r in rows if r.name != baseline] + [Row(baseline)]
+    return comparisons(tested, predictions).set_index("a")
 
 
-def describe_versus(versus: pd.DataFrame, baseline: str, reference: Sequence[str] = ()) -> list[str]:
-    """Readings of :func:`versus_row`: how many rows beat the baseline, which differ at p < 0.05, the
-    range of the gains, and one line per ``reference`` row."""
-    gain, p = versus["gain"], versus["delong_p"]
-    sig = gain[p < 0.05]
-    listed = ": " + "; ".join(f"{n} {g:+.3f}" for n, g in sig.items()) if len(sig) else ""
-    return [f"{(gain > 0).sum()} of {len(versus)} rows have a higher AUC than {baseline} "
-            f"({versus['baseline_auc'].iloc[0]:.3f}); {len(sig)} differ from it at p < 0.05 (DeLong, "
-            f"uncorrected){listed}.",
-            f"The change over {baseline} ranges from {gain.min():+.3f} ({gain.idxmin()}) to "
-            f"{gain.max():+.3f} ({gain.idxmax()}).",
-            *(f"{r} vs {baseline}: {gain[r]:+.3f} AUC (DeLong p = {p[r]:.2g})." for r in reference)]
+def describe_versus(versus: pd.DataFrame, baseline: str) -> list[str]:
+    """Readings of :func:`versus_row`: how many rows have a higher AUC than the baseline, the calls, and
+    the range of the differences."""
+    gain = versus["auc_a"] - versus["auc_b"]
+    said = [f"{(gain > 0).sum()} of {len(versus)} rows have a higher mean AUC than {baseline} "
+            f"({versus['auc_b'].iloc[0]:.3f})."]
+    for call in ("real", "equivalent", "not established"):
+        chosen = versus.index[versus["call"] == call]
+        said.append(f"{call}: {len(chosen)}" + (" (" + "; ".join(f"{r} {versus.at[r, 'difference']:+.3f}"
+                                                               for r in chosen) + ")" if len(chosen) else ""))
+    return [said[0], f"Calls against {baseline} (Holm over these comparisons): {', '.join(said[1:])}.",
+            f"The per-fold difference from {baseline} ranges from {versus['difference'].min():+.3f} "
+            f"({versus['difference'].idxmin()}) to {versus['difference'].max():+.3f} "
+            f"({versus['difference'].idxmax()})."]
