@@ -47,7 +47,8 @@ def test_a_claim_is_reproduced_only_when_every_difference_it_names_is_real_in_it
     assert variant["verdict"] == PARTLY and variant["paper"] == "not in the paper"
     assert variant["reason"].startswith("1 of 2 differences real")
     assert table.loc["VTMF beats every other loss of Table 3", "verdict"] == "not run"  # its CSV is missing
-    assert "| Fusing report and CT beats the report alone (Table 1) |" in verdict_markdown(table.reset_index())
+    markdown = verdict_markdown(table.reset_index())
+    assert "| Fusing report and CT beats the report alone (Table 1) |" in markdown
 
 
 def test_attention_verdicts_follow_the_localisation_and_counterfactual_numbers(tmp_path):
