@@ -235,13 +235,13 @@ def train_rows(jobs: list[tuple[Row, int]], profile: Profile, manifest: pd.DataF
     if workers <= 1 or len(todo) <= 1:
         for i, (row, seeds) in enumerate(todo, 1):
             if not quiet:
-                print(f"[{i}/{len(todo)}] {row.name}{_seeds_label(seeds)}: training in "
-                      f"{row_folder(out, profile, row, seeds[0]).parent}", flush=True)
+                print(f"[{i}/{len(todo)}] {row.name}{_seeds_label(seeds)}: training in runs/"
+                      f"{row_folder(out, profile, row, seeds[0]).name}", flush=True)
             _train_row(row, seeds, quiet=quiet or not sys.stderr.isatty(), **options)
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
     with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn"),
-                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+                             initializer=_start_worker, initargs=(threads,)) as pool:
         futures = {pool.submit(_train_row, row, seeds, quiet=True, **options): (row, seeds)
                    for row, seeds in todo}
         if not quiet:
@@ -253,6 +253,16 @@ def train_rows(jobs: list[tuple[Row, int]], profile: Profile, manifest: pd.DataF
             if not quiet:
                 print(f"[{i}/{len(todo)}] {row.name}{_seeds_label(seeds)}: done in {seconds:.0f} s",
                       flush=True)
+
+
+def _start_worker(threads: int) -> None:
+    """A training process: ``threads`` torch threads, and no weight-loading bars on the shared stderr
+    (a notebook would show them as error output)."""
+    import transformers
+
+    torch.set_num_threads(threads)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 def default_workers(profile: Profile) -> int:

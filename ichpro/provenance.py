@@ -39,11 +39,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+#: what a run's results are computed from: a change here makes the checkout "modified" (the figures
+#: and executed notebooks a run writes are its outputs, not its inputs)
+RUN_INPUTS = ("ichpro", "notebooks", "data_synthetic", "pyproject.toml")
+
+
 def git_commit() -> str:
-    """The short commit of the checkout the package runs from ("unknown" outside git)."""
+    """The short commit of the checkout the package runs from, with " (modified)" when the run's
+    inputs (:data:`RUN_INPUTS`) differ from it ("unknown" outside git)."""
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                              capture_output=True, text=True, check=True)
-        return out.stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", *RUN_INPUTS],
+                                 cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+    return out.stdout.strip() + (" (modified)" if changed.stdout.strip() else "")

@@ -28,6 +28,7 @@ SETUP_ROW = "set-up: cohort and pretraining"
 #: notebook metadata the kernel rewrites on every run (its Python version): never part of a source
 #: notebook (the git filter of ``make setup`` strips the same key)
 VOLATILE_METADATA = ["metadata.language_info"]
+OVERVIEW = "00_"  # the overview notebook, executed last
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in kernel tracebacks
 
 
@@ -115,6 +116,12 @@ def select_notebooks(only: list[str] | None = None, notebook_dir: Path = NOTEBOO
     return notebooks
 
 
+def execution_order(notebooks: list[Path]) -> list[Path]:
+    """The order a run executes notebooks in: 00 (the overview, whose verdict table reads every other
+    notebook's results) last."""
+    return sorted(notebooks, key=lambda nb: (nb.name.startswith(OVERVIEW), nb.name))
+
+
 def run_notebooks(profile: str, only: list[str] | None = None, data_dir: str = "",
                   output_dir: str = "", figures_dir: str = "", seed: int = 0,
                   log_output: bool = False, notebook_dir: Path = NOTEBOOK_DIR,
@@ -139,7 +146,7 @@ def run_notebooks(profile: str, only: list[str] | None = None, data_dir: str = "
     folders = {"data_dir": ctx.data_dir, "output_dir": ctx.output_dir, "figures_dir": ctx.figures_dir}
     parameters = {"profile": ctx.profile.name, "seed": seed,
                   **{name: notebook_relative(path, notebook_dir) for name, path in folders.items()}}
-    for nb in notebooks:
+    for nb in execution_order(notebooks):
         start = time.perf_counter()
         print(f"[{ctx.profile.name}] {nb.name} ...", flush=True)
         try:
@@ -152,12 +159,24 @@ def run_notebooks(profile: str, only: list[str] | None = None, data_dir: str = "
                 + _ANSI.sub("", "".join(err.traceback[-5:]))
                 + f"\nexecuted copy kept at {executed / nb.name}") from err
         seconds = time.perf_counter() - start
+        name_no_machine(executed / nb.name)
         print(f"[{ctx.profile.name}] {nb.name} done in {seconds:.1f} s", flush=True)
         timings.append({"notebook": nb.name, "seconds": round(seconds, 1)})
     table = pd.DataFrame(timings)
     _record_timings(table, executed / TIMINGS_FILE)
     print(f"total {np.sum(table['seconds']):.1f} s", flush=True)
     return table
+
+
+def name_no_machine(executed: Path) -> None:
+    """Rewrite the papermill metadata of an executed notebook (``input_path``, ``output_path``) as
+    :meth:`RunContext.shown` writes paths: repository-relative, so that it names no machine's folders."""
+    notebook = nbformat.read(executed, as_version=4)
+    record = notebook.metadata.get("papermill", {})
+    for key in ("input_path", "output_path"):
+        if record.get(key):
+            record[key] = RunContext.shown(Path(record[key]))
+    nbformat.write(notebook, executed)
 
 
 def _record_timings(table: pd.DataFrame, path: Path) -> None:

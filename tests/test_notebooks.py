@@ -3,6 +3,7 @@
 import ast
 import io
 import json
+import re
 import shlex
 import subprocess
 import tokenize
@@ -11,11 +12,12 @@ import nbformat
 import pandas as pd
 import pytest
 
-from ichpro.config import get_profile
+from ichpro.config import REPO_ROOT, get_profile
 from ichpro.errors import IchproError
 from ichpro.reproduce import (
     NOTEBOOK_DIR,
     SETUP_ROW,
+    execution_order,
     first_run_plan,
     notebook_relative,
     run_notebooks,
@@ -151,6 +153,7 @@ def test_notebook_runs_on_smoke(notebook, smoke_cohort, notebook_runs, tmp_path)
     errors = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs
               if o.output_type == "error"]
     assert not errors
+    assert executed.metadata["papermill"]["input_path"] == f"notebooks/{notebook.name}"
     for name in EXPECTED_FIGURES.get(number, ()):
         assert (figures / name).is_file(), f"{notebook.name} did not write {name}"
 
@@ -243,3 +246,43 @@ def test_jupyterlab_keeps_the_outputs_of_other_notebooks():
     model = _as_jupyterlab_saves_it(NOTEBOOKS[0])
     strip_source_notebook(model, f"figures/notebooks/{NOTEBOOKS[0].name}", _ContentsManager())
     assert any(c.get("outputs") for c in model["content"]["cells"])
+
+
+def test_the_overview_runs_last_since_its_verdicts_read_the_other_notebooks_results():
+    order = [nb.name[:2] for nb in execution_order(NOTEBOOKS)]
+    assert order == [*(nb.name[:2] for nb in NOTEBOOKS[1:]), "00"]
+
+
+#: the executed ``cpu`` reference notebooks, committed beside the figures
+EXECUTED = REPO_ROOT / "figures" / "notebooks"
+MACHINE_FOLDERS = ("/tmp/", "/root/", "/home/", "/Users/", str(REPO_ROOT))
+
+
+def _cells(notebook, kind):
+    return [c.source for c in notebook.cells if c.cell_type == kind
+            and "injected-parameters" not in c.metadata.get("tags", [])]
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.stem)
+def test_the_executed_notebook_is_its_source_run_once_and_names_no_machine(notebook):
+    text = (EXECUTED / notebook.name).read_text()
+    executed, source = nbformat.reads(text, as_version=4), nbformat.read(notebook, as_version=4)
+    assert _cells(executed, "markdown") == _cells(source, "markdown"), "written by make reproduce only"
+    assert _cells(executed, "code") == _cells(source, "code")
+    assert not [folder for folder in MACHINE_FOLDERS if folder in text]
+    stderr = [o for c in executed.cells if c.cell_type == "code" for o in c.outputs
+              if o.get("name") == "stderr"]
+    assert not stderr, "".join(o.text for o in stderr)[:500]
+
+
+def test_the_executed_notebooks_name_one_commit_of_the_history_unmodified():
+    commits = set()
+    for notebook in NOTEBOOKS:
+        executed = nbformat.read(EXECUTED / notebook.name, as_version=4)
+        shown = "".join(o.get("data", {}).get("text/plain", "") for o in executed.cells[-1].outputs)
+        commits |= set(re.findall(r"git commit\s+(\S+(?: \(modified\))?)", shown))
+    assert len(commits) == 1, commits
+    (commit,) = commits
+    assert "modified" not in commit and commit != "unknown"
+    if _git("rev-parse", "--is-shallow-repository") == "false":
+        assert _git("cat-file", "-t", commit) == "commit"
