@@ -1,13 +1,13 @@
 """How far another machine's ``make reproduce`` lands from the committed reference run: every row of
-Tables 1-4 (AUC, its DeLong p against ICHPro, and whether the AUC lies within the reference's
-three-seed range where the row has one), the attention summary, the counterfactual and the
+Tables 1-4 (AUC, its Holm-adjusted p against ICHPro and the call, and whether the AUC lies within the
+reference's seed range where the row has one), the attention summary, the counterfactual and the
 pretraining card, side by side (not a speed benchmark, and not run by ``run_all.py``).
 
     .venv/bin/python bench/machine_spread.py --other /path/to/clone/figures [--reference figures]
 
 Run ``make reproduce`` in a fresh clone on the other machine (it writes the clone's ``figures/``),
 then point ``--other`` at that folder. A reading of the README holds on both machines when the two
-p-values fall on the same side of 0.05 and the difference it calls real beats the seed range.
+runs make the same call (real, equivalent or not established: ``ichpro.repeated_cv``).
 ``--quick`` compares the reference with itself (every difference 0), to check the script.
 """
 
@@ -27,18 +27,17 @@ CARD = "encoders_pretraining_card.md"
 
 
 def table_rows(reference: Path, other: Path) -> list[list[object]]:
-    """One line per table row: AUC, seed range and DeLong p on both machines."""
+    """One line per table row: AUC, seed range, Holm-adjusted p and call on both machines."""
     lines = []
     for table in TABLES:
         ref, oth = (pd.read_csv(folder / f"{table}.csv").set_index("row") for folder in (reference, other))
         for row in ref.index:
             r, o = ref.loc[row], oth.loc[row]
-            seeded = pd.notna(r.get("auc_seed_min"))
+            seeded = r.get("n_seeds", 1) > 1
             inside = ("yes" if r["auc_seed_min"] <= o["auc"] <= r["auc_seed_max"] else "no") if seeded else ""
-            p_values = ["", "", ""]  # ICHPro itself has no p
-            if pd.notna(r["delong_p"]):
-                same_side = (r["delong_p"] < 0.05) == (o["delong_p"] < 0.05)
-                p_values = [r["delong_p"], o["delong_p"], "yes" if same_side else "no"]
+            p_values = ["", "", ""]  # the reference row has no p
+            if pd.notna(r["p_holm"]):
+                p_values = [r["p_holm"], o["p_holm"], "yes" if r["call"] == o["call"] else "no"]
             lines.append([table.split("_")[0], row, r["auc"], o["auc"], o["auc"] - r["auc"], seed_range(r),
                           seed_range(o), inside, *p_values])
     return lines
@@ -46,7 +45,7 @@ def table_rows(reference: Path, other: Path) -> list[list[object]]:
 
 def seed_range(line: pd.Series) -> str:
     """A row's AUC range over the training seeds, if it has one."""
-    if pd.isna(line.get("auc_seed_min")):
+    if pd.isna(line.get("auc_seed_min")) or line.get("n_seeds", 1) == 1:
         return ""
     return f"{line['auc_seed_min']:.3f}-{line['auc_seed_max']:.3f}"
 
@@ -87,9 +86,10 @@ def main(argv: list[str] | None = None) -> None:
         "Tables 1-4 on both machines", ["table", "row", "reference AUC", "other AUC", "difference",
                                         "reference seed range", "other seed range",
                                         "other inside the reference's", "reference p",
-                                        "other p", "same side of 0.05"],
+                                        "other p", "same call"],
         table_rows(reference, other),
-        ["p: DeLong against ICHPro on the same folds; seed ranges: min-max AUC over each run's seeds."])
+        ["p: the corrected repeated-CV t-test against the table's reference, Holm-adjusted; seed ranges: "
+         "min-max AUC over each run's seeds."])
     common.print_table("Attention maps (40 patients)", ["map", "reference ratio", "other ratio",
                                                         "reference pointing", "other pointing"],
                        attention_rows(reference, other))

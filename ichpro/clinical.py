@@ -193,7 +193,9 @@ def clinical_baseline_cv(name: str, manifest: pd.DataFrame, folds: np.ndarray, s
 
     A score is a fixed formula; to read it as a probability (for accuracy, F1 and calibration),
     each fold maps the score's risk to P(bad) with a logistic regression fitted on the other folds.
-    The map is monotone, so the score's AUC is that of the formula itself.
+    Each map is monotone, so each test fold's AUC is the formula's; the pooled out-of-fold AUC ranks
+    the five folds' maps together and differs from the formula's AUC on the whole cohort
+    (:func:`ichpro.views.comparison.describe_score_aucs` prints both).
     """
     if name not in CLINICAL_BASELINES:
         raise IchproError(f"unknown clinical baseline {name!r}; "

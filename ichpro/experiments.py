@@ -30,11 +30,12 @@ from scipy.stats import spearmanr
 from sklearn.metrics import balanced_accuracy_score, cohen_kappa_score, mean_absolute_error, r2_score
 
 from ichpro.clinical import clinical_fields
+from ichpro.cohort import ensure_cohort
 from ichpro.config import LossConfig, Profile
 from ichpro.data import config_hash
 from ichpro.errors import IchproError
 from ichpro.losses import parse_loss_spec
-from ichpro.manifest import haematoma_volumes
+from ichpro.manifest import haematoma_volumes, load_manifest
 from ichpro.metrics import classification_metrics, delong_test, metrics_over_seeds
 from ichpro.paper import reported_tables
 from ichpro.plots import plot_table_auc, save_figure
@@ -151,6 +152,28 @@ TABLES: dict[str, tuple[str, list[Row]]] = {
 SECOND_COHORT_SEED = 7
 SECOND_COHORT_ROWS = ("Text only", "Vision only", "ICHPro", VARIANT, "Logistic regression, clinical fields",
                       "ICH score", "FUNC score")
+
+
+def second_cohort_dir(data_dir: str | Path) -> Path:
+    """Where the second draw of a generated cohort ``data_dir`` lives: beside it."""
+    data_dir = Path(data_dir)
+    return data_dir.parent / f"{data_dir.name}-seed{SECOND_COHORT_SEED}"
+
+
+def run_second_cohort(profile: Profile, data_dir: str | Path, out: str | Path, *, seed: int = 0,
+                      cache_dir: Path | None = None, n_boot: int = 1000, workers: int = 1,
+                      quiet: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Draw the profile's cohort again with :data:`SECOND_COHORT_SEED` (once, beside ``data_dir``),
+    run :func:`second_cohort_rows` on it into ``out`` (finished runs are loaded) and return the
+    summary and the comparisons, as :func:`run_table` does for a table."""
+    cohort = ensure_cohort(profile.cohort, second_cohort_dir(data_dir), seed=SECOND_COHORT_SEED,
+                           progress=not quiet)
+    manifest, truth = load_manifest(cohort / "manifest.csv"), pd.read_csv(cohort / "truth.csv")
+    rows = second_cohort_rows()
+    train_rows([(row, s) for row in rows for s in row_seeds(row, seed)], profile, manifest, out,
+               workers=workers, resume=True, quiet=quiet, cache_dir=cache_dir)
+    predictions = load_predictions(rows, profile, out, seed)
+    return summarize(rows, predictions, None, truth, n_boot=n_boot, seed=seed), comparisons(rows, predictions)
 
 
 def second_cohort_rows() -> list[Row]:

@@ -357,12 +357,13 @@ def _p_bad(run: TrainedRun, batch: Mapping[str, torch.Tensor]) -> float:
 
 
 def counterfactual(run: TrainedRun, ct: str | Path | torch.Tensor, report: str,
-                   changes: Mapping[str, object]) -> dict[str, object]:
+                   changes: Mapping[str, object], with_gradients: bool = False) -> dict[str, object]:
     """P(bad) and attention maps of one CT with its report before and after :func:`edit_report`.
 
     ``ct`` is a CT path or the preprocessed input (1, D, H, W); ``report`` the text or a file. The
     "before" report is the original re-rendered canonically, so only ``changes`` differ. Returns
-    report_before/after, p_bad_before/after, attention_before/after (name -> (D, H, W)).
+    report_before/after, p_bad_before/after, attention_before/after (name -> (D, H, W); with the
+    gradient-weighted maps and Grad-CAM when ``with_gradients``, :func:`patient_maps`).
     """
     image = _model_input(run, ct)
     before = edit_report(read_report(report))
@@ -371,7 +372,7 @@ def counterfactual(run: TrainedRun, ct: str | Path | torch.Tensor, report: str,
     for when, text in (("before", before), ("after", after)):
         batch = report_batch(run, image, text)
         result[f"p_bad_{when}"] = _p_bad(run, batch)
-        result[f"attention_{when}"] = patient_maps(run, batch, with_gradients=False)
+        result[f"attention_{when}"] = patient_maps(run, batch, with_gradients=with_gradients)
     return result
 
 

@@ -17,11 +17,11 @@ from ichpro.text import _minilm_folder, load_text_backbone, tokenize
 from ichpro.views.fusion import (
     DENSE_HEADER,
     attention_map_label,
+    attention_spread,
     block_parameters,
     fusion_structure_table,
     padding_attention,
     parameter_counts,
-    plot_attention_volumes,
     plot_token_reading,
     shuffled_tokens_change,
     text_hidden_size,
@@ -126,18 +126,25 @@ def test_attention_map_labels_read_every_structure(tiny):
             assert "_" not in attention_map_label(name)
 
 
-def test_attention_volume_plot_uses_a_fixed_scale_centred_on_uniform(tiny):
+def test_attention_spread_is_one_for_a_uniform_map_and_wider_for_a_peaked_one(tiny):
     model = smoke_model(tiny)
     batch = smoke_batch(tiny)
     with torch.no_grad():
         out = model(batch)
-    fig = plot_attention_volumes(out, batch["ct"], 0, "patient")
-    overlays = [ax.images[1] for ax in fig.axes[1: 1 + len(out.attentions)]]
-    assert all(image.get_clim() == (0, 2) for image in overlays)  # 1 = uniform, in the middle
-    assert [ax.get_title() for ax in fig.axes[1: 1 + len(out.attentions)]] == [
-        attention_map_label(name) for name in out.attentions]
-    assert fig.axes[-1].get_ylabel() == "attention received / uniform share"  # the colour bar
-    plt.close(fig)
+    spread = attention_spread(out, 0, tuple(batch["ct"].shape[2:]))
+    assert list(spread.index) == [attention_map_label(name) for name in out.attentions]
+    assert (spread["min / uniform"] <= 1 + 1e-6).all() and (spread["max / uniform"] >= 1 - 1e-6).all()
+    name = next(iter(out.attentions))
+    flat = replace(out, attentions={name: torch.ones_like(out.attentions[name])})
+    assert spread_of(flat, name, batch) == pytest.approx((1.0, 1.0))
+    peaked = torch.zeros_like(out.attentions[name])
+    peaked[..., 0] = 1.0  # every query attends to the first cell only
+    assert spread_of(replace(out, attentions={name: peaked}), name, batch)[1] > 2
+
+
+def spread_of(out, name, batch):
+    line = attention_spread(out, 0, tuple(batch["ct"].shape[2:])).loc[attention_map_label(name)]
+    return line["min / uniform"], line["max / uniform"]
 
 
 def test_fusion_structure_table_has_one_row_per_structure(tiny):

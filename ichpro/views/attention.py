@@ -338,11 +338,14 @@ def localisation_readings(summary: pd.DataFrame, table: pd.DataFrame, flat_withi
     best = [f"{kind} {ratios.idxmax()}, {ratios.max():.2f} times uniform on average"
             for kind, ratios in (("as attended:", attention[~weighted]),
                                  ("weighted by its gradient:", attention[weighted])) if len(ratios)]
-    lines.append(f"\nThe attention map with the most mass on the haematoma, {'; '.join(best)}{grad_cam}.")
-    flat = [m for m, r in attention.items() if abs(r - 1) < flat_within]
-    if flat:
-        lines.append(f"Within {flat_within:.0%} of uniform (ratio {1 - flat_within:.2f}-"
-                     f"{1 + flat_within:.2f}): {', '.join(flat)}: these maps do not single out the blood.")
+    lines.append(f"\nThe highest mean ratio of each kind of attention map, {'; '.join(best)}{grad_cam}.")
+    low, high = 1 - flat_within, 1 + flat_within
+    for label, chosen in ((f"Within {flat_within:.0%} of uniform (ratio {low:.2f}-{high:.2f}), not singling "
+                           "out the blood", attention[(attention - 1).abs() < flat_within]),
+                          (f"Below uniform (ratio under {low:.2f}), less mass on the haematoma than a "
+                           "uniform map", attention[attention <= low]),
+                          (f"Above uniform (ratio over {high:.2f})", attention[attention >= high])):
+        lines.append(f"{label}: " + (", ".join(f"{m} {r:.2f}" for m, r in chosen.items()) or "none") + ".")
     return lines
 
 
@@ -354,5 +357,26 @@ def oracle_readings(truth: pd.DataFrame, good_auc: float = 0.75) -> list[str]:
     lines = ["Oracle AUC on this cohort from " + "; ".join(f"{k} {v:.3f}" for k, v in auc.items()) + "."]
     if auc[names["report_no_stay"]] >= good_auc:
         lines.append(f"The report alone, even without the stay that leaks the outcome, reaches an oracle AUC "
-                     f"of {good_auc} or more: a model need not look at the haematoma to score a good AUC.")
+                     f"of {auc[names['report_no_stay']]:.3f} (≥ {good_auc}): a model need not look at the "
+                     "haematoma to score a good AUC.")
     return lines
+
+
+def grids_label(grids: Mapping[str, Sequence[int]]) -> str:
+    """The grid each block's maps are made on, as a figure says it ("maps on grids ..., up-sampled")."""
+    by_block: dict[str, Sequence[int]] = {}
+    for method, grid in grids.items():
+        by_block.setdefault(short(method).split(":")[0], grid)
+    listed = ", ".join(f"{block} {'×'.join(map(str, grid))}" for block, grid in by_block.items())
+    return f"maps on grids {listed}, up-sampled"
+
+
+def counterfactual_changes(cf: Mapping, brain: np.ndarray) -> dict[str, float]:
+    """The largest change of any raw attention map and of any gradient-weighted one within the brain
+    (:func:`largest_change`), and P(bad) before and after the edit."""
+    factors = change_factors(cf, brain)
+    raw = [largest_change(f) for name, f in factors.items()
+           if not name.endswith(GRADIENT_WEIGHTED) and name != GRAD_CAM]
+    weighted = [largest_change(f) for name, f in factors.items() if name.endswith(GRADIENT_WEIGHTED)]
+    return {"largest_change": max(raw), "largest_change_x_gradient": max(weighted, default=np.nan),
+            "p_bad_before": cf["p_bad_before"], "p_bad_after": cf["p_bad_after"]}

@@ -30,7 +30,7 @@ def plot_distributions(truth: pd.DataFrame) -> plt.Figure:
     sns.boxplot(data, x="location", y="volume_ml", ax=axes[0, 2], log_scale=True)
     sns.countplot(data, x="gos", dodge=False, ax=axes[1, 0], **by_outcome)
     sns.countplot(data, x="ich_score", ax=axes[1, 1], **by_outcome)
-    sns.boxplot(data, x="gos", y="hospital_stay_days", ax=axes[1, 2])
+    sns.boxplot(data, x="gos", y="hospital_stay_days", ax=axes[1, 2], dodge=False, **by_outcome)
     labels = [("age (years)", "patients"), ("admission GCS", "patients"),
               ("haematoma location", "haematoma volume (mL, log scale)"), ("90-day GOS", "patients"),
               ("ICH score", "patients"), ("90-day GOS", "hospital stay (days)")]

@@ -10,8 +10,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
+from sklearn.metrics import roc_auc_score
 
 from ichpro.checkpoints import load_weights
+from ichpro.clinical import clinical_scores
 from ichpro.config import Profile
 from ichpro.experiments import CEILINGS, Row
 from ichpro.explain import brain_of, localisation_statistics
@@ -86,17 +88,23 @@ def system_pipelines(profile: Profile) -> dict[str, list[list[str]]]:
     }
 
 
+FLOOR_ML = 0.5  # volumes are drawn on log axes from here
+
+
 def plot_volume(true_ml: pd.Series, oof: pd.DataFrame) -> plt.Figure:
     """The volume head's out-of-fold estimate (``oof``: ``volume_ml_pred``, ``label``, indexed by
     patient) against the haematoma volume of the mask (``true_ml``, indexed by patient)."""
-    predicted = oof["volume_ml_pred"]
-    true = true_ml.loc[predicted.index]
-    fig, ax = plt.subplots(figsize=(4.2, 4))
+    predicted = oof["volume_ml_pred"].clip(lower=FLOOR_ML)
+    true = true_ml.loc[predicted.index].clip(lower=FLOOR_ML)
+    fig, ax = plt.subplots(figsize=(4.4, 4.2))
     ax.scatter(true, predicted, s=8, alpha=0.6, c=oof["label"], cmap="coolwarm")
-    top = max(true.max(), predicted.max()) * 1.05
-    ax.plot([0, top], [0, top], color="grey", lw=0.8, ls=":")
-    ax.set(xlabel="true haematoma volume (mL, from the mask)", ylabel="predicted volume (mL, out of fold)",
-           title="Joint quantification: volume head (red: bad outcome)", xlim=(0, top), ylim=(0, top))
+    low, top = FLOOR_ML * 0.8, max(true.max(), predicted.max()) * 1.3
+    ax.plot([low, top], [low, top], color="grey", lw=0.8, ls=":")
+    ax.set(xscale="log", yscale="log", xlim=(low, top), ylim=(low, top),
+           xlabel="true haematoma volume (mL, from the mask)", ylabel="predicted volume (mL, out of fold)",
+           title=f"Joint quantification: volume head\n(log scales, values below {FLOOR_ML:g} mL drawn at it; "
+                 "red: bad outcome)")
+    ax.title.set_fontsize(9)
     return fig
 
 
@@ -117,11 +125,13 @@ def grad_cam_summary(localisation: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_grad_cam(cts: torch.Tensor, blood_share: torch.Tensor, cams: Mapping[str, torch.Tensor],
-                  localisation: pd.DataFrame, patient_ids: Sequence[str], n: int = 3) -> plt.Figure:
+                  localisation: pd.DataFrame, patient_ids: Sequence[str],
+                  grids: Mapping[str, tuple[int, ...]], n: int = 3) -> plt.Figure:
     """The ``n`` patients with the most haematoma: their CT (B, 1, D, H, W) on the slice with the most
     haematoma (share (B, D, H, W), outlined), and each system's Grad-CAM (B, D, H, W) where it is
     positive in the brain, titled with its ratio from ``localisation``
-    (:func:`ichpro.explain.maps_in_mask`)."""
+    (:func:`ichpro.explain.maps_in_mask`) and the feature grid it was computed on (``grids``), from
+    which it is up-sampled to the CT."""
     ratio = localisation.set_index(["method", "patient_id"])["ratio"]
     shown = np.argsort(-blood_share.sum(dim=(1, 2, 3)).numpy(), kind="stable")[:n]
     columns = 1 + len(cams)
@@ -140,11 +150,14 @@ def plot_grad_cam(cts: torch.Tensor, blood_share: torch.Tensor, cams: Mapping[st
                                       vmax=1, alpha=0.6)  # zero (and outside the brain): the CT alone
                 score = ratio[name, patient_ids[j]]
                 said = f"ratio {score:.2f}" if np.isfinite(score) else "no mass in the brain"
-                ax.set_title(f"{name}\n{said}", fontsize=8)
+                grid = "×".join(map(str, grids[name]))
+                ax.set_title(f"{name}\n{grid} grid, up-sampled; {said}", fontsize=7)
             ax.contour(outline, levels=[0.5], colors="red" if name is None else "cyan", linewidths=0.8)
             ax.axis("off")
     fig.colorbar(shown_map, ax=axes, shrink=0.6, label="Grad-CAM ÷ the patient's maximum")
-    fig.suptitle("Grad-CAM of the bad-outcome logit over the brain (haematoma outlined)", fontsize=9)
+    fig.suptitle("Grad-CAM of the bad-outcome logit over the brain (haematoma outlined); each map is "
+                 "computed on its network's coarse feature grid\nand up-sampled, so detail finer than a "
+                 "grid cell is interpolation, not evidence", fontsize=8)
     return fig
 
 
@@ -164,3 +177,29 @@ def grad_cam_readings(summary: pd.DataFrame) -> list[str]:
                      f"(95 % CI {s['pointing_ci_low']:.0%}-{s['pointing_ci_high']:.0%}) against "
                      f"{s['pointing_chance']:.0%} by chance.")
     return lines
+
+
+def describe_score_aucs(manifest: pd.DataFrame, truth: pd.DataFrame, predictions: Mapping[str, pd.DataFrame]
+                        ) -> list[str]:
+    """The AUCs of each clinical score on the same patients, from notebook 01's number to Table 4's:
+    the formula on the cohort's true variables (``truth.csv``), the formula on the manifest's fields
+    (what a site records: no pre-ICH cognitive impairment column, so FUNC takes it as absent), and
+    the pooled out-of-fold AUC of the per-fold logistic maps (``predictions``: the "ICH score" and
+    "FUNC score" rows of a table, one seed)."""
+    risks = clinical_scores(manifest).set_index(manifest["patient_id"].astype(str))
+    true = truth.assign(patient_id=truth["patient_id"].astype(str)).set_index("patient_id")
+    said = []
+    for name, column, sign in (("ICH score", "ich_score", 1), ("FUNC score", "func_score", -1)):
+        oof = predictions[name].assign(patient_id=lambda o: o["patient_id"].astype(str))
+        ids = oof["patient_id"]
+        on_truth = roc_auc_score(oof["label"], sign * true.loc[ids, column])
+        recorded = risks.loc[ids, f"{column}_risk"]
+        known = recorded.notna().to_numpy()
+        on_manifest = roc_auc_score(oof["label"][known], recorded[known])
+        pooled = roc_auc_score(oof["label"], oof["p_bad"])
+        said.append(f"{name}: AUC of the formula on the true variables {on_truth:.3f} (notebook 01), on the "
+                    f"manifest's fields {on_manifest:.3f} ({known.sum()} patients with every input), pooled "
+                    f"out-of-fold AUC of its per-fold logistic maps {pooled:.3f} (Table 4): each fold's map "
+                    "keeps the score's ranking, but pooling five maps fitted on different patients reorders "
+                    "scores across folds.")
+    return said

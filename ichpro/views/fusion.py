@@ -15,16 +15,13 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ichpro.config import FUSION_STRUCTURES, PAPER_WINDOW, LossConfig, ModelConfig, get_profile
-from ichpro.data import windowed
+from ichpro.config import FUSION_STRUCTURES, LossConfig, ModelConfig, Profile, get_profile
 from ichpro.errors import IchproError
-from ichpro.image_report import BLOOD_HU
 from ichpro.models import ModelOutput, build_model
 from ichpro.models.encoders import VisionEncoder
 from ichpro.models.fusion import TRT, VRT, FusionStack
 from ichpro.models.heads import SequenceHeader
 from ichpro.text import TINY_SIZES
-from ichpro.views.preprocessing import blood_slice
 from ichpro.views.source import qualified_name
 
 #: hidden size H of the named text encoders (BioClinicalBERT is a BERT-base: 768)
@@ -126,25 +123,16 @@ def attention_map_label(name: str) -> str:
     return f"stage {stage.removeprefix('stage')} {_KINDS[kind]}: {_KEYS[key]}"
 
 
-def plot_attention_volumes(out: ModelOutput, ct: torch.Tensor, patient: int, title: str,
-                           window: tuple[float, float] = PAPER_WINDOW) -> plt.Figure:
-    """One axial slice of the CT (B, 1, D, H, W) and every attention map of ``out`` on it, as the
-    ratio to a uniform map on a fixed scale 0-2 centred on 1 (uniform)."""
-    volume = ct[patient, 0]
-    k, names = blood_slice(volume, tuple(windowed(BLOOD_HU, window)), axis=0), list(out.attentions)
-    shown_slice = volume[k].detach().numpy()
-    fig, axes = plt.subplots(1, len(names) + 1, figsize=(3.3 * (len(names) + 1), 3.6))
-    axes[0].imshow(shown_slice, cmap="gray", vmin=0, vmax=0.25)
-    axes[0].set_title(f"{title}, slice {k}", fontsize=9)
-    for ax, name in zip(axes[1:], names):
-        received = out.attention_volume(name, tuple(volume.shape))[patient].detach()
-        ax.imshow(shown_slice, cmap="gray", vmin=0, vmax=0.25)
-        shown = ax.imshow((received[k] / received.mean()).numpy(), cmap="coolwarm", vmin=0, vmax=2, alpha=0.5)
-        ax.set_title(attention_map_label(name), fontsize=8)
-    for ax in axes:
-        ax.axis("off")
-    fig.colorbar(shown, ax=axes, shrink=0.8, label="attention received / uniform share")
-    return fig
+def attention_spread(out: ModelOutput, patient: int, size: tuple[int, int, int]) -> pd.DataFrame:
+    """How far each attention map of ``out`` is from uniform for one patient: the smallest and largest
+    attention a voxel receives divided by the uniform share (1 = uniform), on the input grid ``size``."""
+    lines = []
+    for name in out.attentions:
+        received = out.attention_volume(name, size)[patient].detach()
+        relative = received / received.mean()
+        lines.append({"map": attention_map_label(name), "min / uniform": float(relative.min()),
+                      "max / uniform": float(relative.max())})
+    return pd.DataFrame(lines).set_index("map")
 
 
 def fusion_structure_table(cfg: ModelConfig, text_model: nn.Module, loss: LossConfig,
@@ -163,3 +151,20 @@ def fusion_structure_table(cfg: ModelConfig, text_model: nn.Module, loss: LossCo
                          f"{attention_map_label(n)} {tuple(a.shape[1:])}" for n, a in out.attentions.items()),
                      "forward ms": round(1000 * (time.perf_counter() - start))})
     return pd.DataFrame(rows).set_index("structure")
+
+
+def profile_blocks(profile: Profile) -> list[str]:
+    """How a profile builds the blocks whose prose differs between profiles: CMAF's SoftPool, the
+    header's DenseNet blocks and the MLM's vocabulary (so that a notebook prints what its run uses)."""
+    m, loss = profile.model, profile.loss
+    pool = m.cmaf_pool
+    softpool = ("none: its kernel is 1×1×1, so CMAF attends over the full grid" if pool == (1, 1, 1)
+                else "kernel 2 on each even side of the grid" if pool is None
+                else f"kernel {'×'.join(map(str, pool))}")
+    vocabulary = ("the words of the cohort's reports" if loss.mlm_vocabulary == "reports"
+                  else "the text encoder's whole vocabulary")
+    return [f"{profile.name} profile: CMAF's SoftPool: {softpool} ({'×'.join(map(str, m.grid))} grid).",
+            f"Header: 1D DenseNet with dense blocks {m.header_blocks}, growth rate {m.header_growth}"
+            + (" (DenseNet-121's)." if tuple(m.header_blocks) == (6, 12, 24, 16) else
+               " (DenseNet-121 has (6, 12, 24, 16))."),
+            f"MLM: a masked token is predicted over {vocabulary}."]

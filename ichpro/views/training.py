@@ -100,13 +100,17 @@ def relative_losses(history: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_relative_losses(histories: dict[str, pd.DataFrame]) -> plt.Figure:
-    """One panel per run: :func:`relative_losses` of each term (1 = its first-epoch value)."""
+    """One panel per run: :func:`relative_losses` of each term (1 = its first-epoch value), each term
+    in one colour across the panels."""
     fig, axes = plt.subplots(1, len(histories), figsize=(4.3 * len(histories), 3.6), sharey=True,
                              squeeze=False)
+    curves_by_run = {name: relative_losses(history) for name, history in histories.items()}
+    terms = list(dict.fromkeys(term for curves in curves_by_run.values() for term in curves))
+    colours = {term: f"C{i % 10}" for i, term in enumerate(terms)}
     for ax, (name, history) in zip(axes[0], histories.items()):
-        curves = relative_losses(history)
+        curves = curves_by_run[name]
         for term in curves:
-            ax.plot(curves.index, curves[term], marker="o", ms=3, label=term_name(term))
+            ax.plot(curves.index, curves[term], marker="o", ms=3, color=colours[term], label=term_name(term))
         ax.axhline(1, color="gray", lw=0.8, ls=":")
         n_folds = history["fold"].nunique()
         ax.set(title=name, xlabel=f"epoch (mean over {n_folds} folds; epochs every fold ran)")
