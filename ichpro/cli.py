@@ -150,8 +150,8 @@ def _table(args: argparse.Namespace) -> int:
                              seed=args.seed, resume=args.resume, quiet=args.quiet, cache_dir=args.cache,
                              n_boot=args.n_boot, workers=args.workers)
     paths = write_table(table, tests, Path(args.out) / args.name, TABLES[args.name][0])
-    shown = ["row", "paper_auc", "n_seeds", "auc", "auc_ci_low", "auc_ci_high", "difference", "p_holm", "call",
-             "ceiling_auc"]
+    shown = ["row", "paper_auc", "n_seeds", "auc", "auc_ci_low", "auc_ci_high", "difference", "p_holm",
+             "call", "ceiling_auc"]
     shown += [column for column in ("params", "seconds_per_fold") if column in table.columns]
     print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print("wrote " + ", ".join(map(str, paths)))
