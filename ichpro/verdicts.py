@@ -346,3 +346,14 @@ def verdict_markdown(table: pd.DataFrame) -> str:
             + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def describe_verdicts(table: pd.DataFrame) -> str:
+    """How many claims got each verdict, of the paper's and of ours, and which differ on the second draw."""
+    paper = table[table["source"] != "ours"]
+    counts = paper["verdict"].value_counts()
+    said = f"Of the paper's {len(paper)} claims: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + "."
+    differs = table.loc[table["differs"], "claim"].tolist()
+    said += (" On the second cohort draw every verdict it could judge is the same." if not differs
+             else f" On the second cohort draw {len(differs)} verdict(s) differ: {'; '.join(differs)}.")
+    return said

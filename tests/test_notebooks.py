@@ -30,6 +30,7 @@ NOTEBOOKS = select_notebooks()
 PARAMETERS = ("profile", "data_dir", "output_dir", "figures_dir", "seed", "device")
 #: files each notebook must write into the figures folder
 EXPECTED_FIGURES = {
+    "00": ("verdicts.csv",),
     "01": ("cohort_distributions.png", "cohort_calibration.png", "cohort_calibration.csv",
            "cohort_ct_examples.png", "oracle_auc.csv", "oracle_roc.png"),
     "02": ("preprocessing_steps.png", "preprocessing_windows.png"),

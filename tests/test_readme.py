@@ -8,6 +8,7 @@ import pytest
 
 from ichpro.config import REPO_ROOT
 from ichpro.experiments import readme_table
+from ichpro.verdicts import verdict_markdown, verdict_table
 
 README = (REPO_ROOT / "README.md").read_text()
 FIGURES = REPO_ROOT / "figures"
@@ -28,10 +29,34 @@ def test_readme_table_equals_its_committed_csv(match):
 
 def test_readme_table_formats_a_row_by_hand():
     row = {"row": "A", "paper_auc": float("nan"), "auc": 0.81234, "auc_ci_low": 0.7, "auc_ci_high": 0.9,
-           "delong_p": 4.8e-05, "ceiling_auc": 0.912, "n_seeds": 3, "auc_seed_min": 0.8,
-           "auc_seed_max": 0.83, "auc_seed_sd": 0.0151}
+           "ceiling_auc": 0.912, "n_seeds": 3, "auc_seed_min": 0.8, "auc_seed_max": 0.83,
+           "auc_seed_sd": 0.0151,
+           "difference": -0.0512, "difference_ci_low": -0.08, "difference_ci_high": -0.02, "p_holm": 4.8e-05,
+           "call": "real"}
     assert readme_table(pd.DataFrame([row])).splitlines()[2] == (
-        "| A | not in the paper | 0.812 (0.700-0.900) | 4.8e-05 | 0.912 | 0.800-0.830 (0.015, 3 seeds) |")
+        "| A | — | 0.812 (0.700-0.900) | 0.800-0.830 (sd 0.015, 3 seeds) | -0.051 (-0.080 to -0.020) "
+        "| 4.8e-05 | real | 0.912 |")
+    reference = {**row, "n_seeds": 1, "difference": float("nan")}
+    line = readme_table(pd.DataFrame([reference])).splitlines()[2]
+    assert line.endswith("| 1 seed | reference |  |  | 0.912 |")
+
+
+#: the README's verdict table sits between these two lines
+VERDICTS = re.compile(r"<!-- verdicts:[^\n]*-->\n(.*?)<!-- /verdicts -->", re.S)
+
+
+def test_the_readme_shows_the_verdict_table_of_the_committed_results_on_its_first_screen():
+    match = VERDICTS.search(README)
+    assert match, "the README needs its verdict block"
+    assert README[:match.end()].count("\n") < 60 + len(match.group(1).splitlines())
+    assert README[:match.start()].count("\n") < 60
+    assert match.group(1).strip() == verdict_markdown(verdict_table(FIGURES)).strip(), (
+        "regenerate with ichpro.verdicts.verdict_markdown(verdict_table('figures'))")
+    assert "not run" not in match.group(1)
+
+
+def test_the_readme_is_a_landing_page():
+    assert README.count("\n") <= 250
 
 
 def _committed(folder: str) -> list[str]:
