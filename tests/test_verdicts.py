@@ -4,7 +4,15 @@ import numpy as np
 import pandas as pd
 
 from ichpro.experiments import TABLES
-from ichpro.verdicts import CLAIMS, NOT_REPRODUCED, PARTLY, REPRODUCED, verdict_markdown, verdict_table
+from ichpro.verdicts import (
+    CLAIMS,
+    NOT_REPRODUCED,
+    PARTLY,
+    REPRODUCED,
+    describe_verdicts,
+    verdict_markdown,
+    verdict_table,
+)
 
 
 def comparison(a, b, difference, p_holm, call, auc_b=0.8):
@@ -69,3 +77,14 @@ def test_attention_verdicts_follow_the_localisation_and_counterfactual_numbers(t
     table = verdict_table(tmp_path).set_index("claim")
     assert table.loc["ICHPro's attention falls on the haemorrhage", "verdict"] == REPRODUCED
     assert table.loc["ICHPro's attention moves with the report", "verdict"] == REPRODUCED  # 1 / 0.8 >= 1.1
+
+
+def test_the_summary_counts_the_papers_verdicts_and_names_what_the_second_draw_changes():
+    table = pd.DataFrame({"claim": ["a", "b", "c", "d"],
+                          "source": ["Table 1", "Table 1", "Table 2", "ours"],
+                          "verdict": [REPRODUCED, NOT_REPRODUCED, REPRODUCED, PARTLY],
+                          "differs": [False, True, False, False]})
+    assert describe_verdicts(table) == ("Of the paper's 3 claims: 2 reproduced, 1 not reproduced. On the "
+                                        "second cohort draw 1 verdict(s) differ: b.")
+    same = describe_verdicts(table.assign(differs=False))
+    assert same.endswith("every verdict it could judge is the same.")

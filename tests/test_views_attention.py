@@ -12,10 +12,12 @@ from ichpro.views.attention import (
     Patient,
     change_factors,
     compare_counterfactuals,
+    counterfactual_changes,
     counterfactual_summary,
     describe_edit,
     gives,
     good_outcomes_to_edit,
+    grids_label,
     largest_change,
     localisation_readings,
     oracle_readings,
@@ -158,11 +160,19 @@ def test_localisation_readings_are_written_from_the_numbers():
             "50% of") in said
     assert "Grad-CAM (bad) good 6.00, bad 2.00" in said
     assert "stage 1 CMAF: text → vision × gradient (stage1_cmaf_text_to_vision_x_gradient)" in said
-    assert ("most mass on the haematoma, as attended: stage1_cmaf_text_to_vision, 1.01 times uniform on "
-            "average; weighted by its gradient: stage1_cmaf_text_to_vision_x_gradient, 1.50 times uniform "
-            "on average; Grad-CAM: 4.00.") in said
-    assert "Within 5% of uniform (ratio 0.95-1.05): stage1_cmaf_text_to_vision" in said
-    assert "Within" not in "\n".join(localisation_readings(summary, table, flat_within=0.001))
+    assert ("highest mean ratio of each kind of attention map, as attended: stage1_cmaf_text_to_vision, 1.01 "
+            "times uniform on average; weighted by its gradient: stage1_cmaf_text_to_vision_x_gradient, 1.50 "
+            "times uniform on average; Grad-CAM: 4.00.") in said
+    assert ("Within 5% of uniform (ratio 0.95-1.05), not singling out the blood: stage1_cmaf_text_to_vision "
+            "1.01.") in said
+    assert "Below uniform (ratio under 0.95), less mass on the haematoma than a uniform map: none." in said
+    assert "Above uniform (ratio over 1.05): stage1_cmaf_text_to_vision_x_gradient 1.50." in said
+    strict = "\n".join(localisation_readings(summary, table, flat_within=0.001))
+    assert "not singling out the blood: none." in strict
+    assert "over 1.00): stage1_cmaf_text_to_vision 1.01," in strict
+    below = summary.assign(ratio=summary["ratio"].where(summary.index != "stage1_cmaf_text_to_vision", 0.84))
+    assert "less mass on the haematoma than a uniform map: stage1_cmaf_text_to_vision 0.84." in "\n".join(
+        localisation_readings(below, table))
 
 
 def test_localisation_figure_labels_its_axes():
@@ -184,5 +194,28 @@ def test_oracle_readings_and_top_words():
     said = oracle_readings(truth)
     assert said[0].startswith("Oracle AUC on this cohort from all variables 1.000; image-visible variables")
     assert len(said) == 2 and len(oracle_readings(truth.assign(p_bad_oracle_report_no_stay=0.5))) == 1
+    assert "reaches an oracle AUC of 1.000 (≥ 0.75)" in said[1]
     read = pd.Series([0.5, 0.3, 0.2], index=["0:[CLS]", "1:gcs", "2:5"])
     assert top_words({"P1": read}, n=2) == ["P1: most read [CLS] 0.500, gcs 0.300 (uniform 0.333)"]
+
+
+def test_grids_label_names_each_blocks_grid_once():
+    grids = {"stage1_cmaf_text_to_vision": (2, 4, 4), "stage1_cmaf_text_to_vision_x_gradient": (2, 4, 4),
+             "stage2_mhsaf_self": (2, 4, 4), GRAD_CAM: (4, 8, 8)}
+    assert grids_label(grids) == ("maps on grids stage 1 CMAF 2×4×4, stage 2 MHSAF 2×4×4, "
+                                  "Grad-CAM (bad) 4×8×8, up-sampled")
+
+
+def test_counterfactual_changes_separate_raw_from_gradient_weighted_maps():
+    brain = np.ones((1, 2, 2), dtype=bool)
+    flat = np.full((1, 2, 2), 0.25)
+    doubled = np.array([[[0.5, 0.5 / 3], [0.5 / 3, 0.5 / 3]]])  # one cell's share doubles
+    cf = {"p_bad_before": 0.2, "p_bad_after": 0.7,
+          "attention_before": {"stage1_cmaf_text_to_vision": flat, GRAD_CAM: flat,
+                               "stage1_cmaf_text_to_vision_x_gradient": flat},
+          "attention_after": {"stage1_cmaf_text_to_vision": flat, GRAD_CAM: doubled,
+                              "stage1_cmaf_text_to_vision_x_gradient": doubled}}
+    changes = counterfactual_changes(cf, brain)
+    assert changes["largest_change"] == pytest.approx(1.0)  # Grad-CAM is not an attention map
+    assert changes["largest_change_x_gradient"] == pytest.approx(2.0)
+    assert (changes["p_bad_before"], changes["p_bad_after"]) == (0.2, 0.7)

@@ -51,15 +51,17 @@ def test_system_pipelines_show_the_ct_at_the_comparators_input():
         "CT " + "×".join(map(str, paper.preprocess.spatial_size))]
 
 
-def test_volume_plot_puts_truth_against_the_estimate_on_equal_axes():
+def test_volume_plot_puts_truth_against_the_estimate_on_equal_log_axes():
     true = pd.Series([10.0, 20.0, 40.0], index=["a", "b", "c"])
-    oof = pd.DataFrame({"volume_ml_pred": [12.0, 50.0], "label": [0, 1]}, index=["c", "a"])
+    oof = pd.DataFrame({"volume_ml_pred": [-3.0, 840.0], "label": [0, 1]}, index=["c", "a"])
     fig = plot_volume(true, oof)
     ax = fig.axes[0]
     assert ax.get_xlabel().startswith("true haematoma volume")
     assert ax.get_ylabel().startswith("predicted volume")
-    assert ax.get_xlim() == ax.get_ylim() == pytest.approx((0, 52.5))
-    np.testing.assert_allclose(ax.collections[0].get_offsets(), [[40.0, 12.0], [10.0, 50.0]])  # by patient
+    assert ax.get_xscale() == ax.get_yscale() == "log"
+    assert ax.get_xlim() == ax.get_ylim() == pytest.approx((0.4, 840 * 1.3))
+    # by patient; a negative estimate is drawn at the floor of the log axis
+    np.testing.assert_allclose(ax.collections[0].get_offsets(), [[40.0, 0.5], [10.0, 840.0]])
     plt.close(fig)
 
 
@@ -105,9 +107,11 @@ def test_grad_cam_figure_shows_the_maps_on_one_fixed_scale_within_the_brain():
     blood[1, 2, 3:5, 3:5] = 1.0  # the most haematoma: patient p2, slice 2
     blood[0, 1, 3, 3] = 1.0
     cams = {"joint": torch.rand(3, 4, 8, 8), "single": torch.rand(3, 4, 8, 8)}
-    fig = plot_grad_cam(cts, blood, cams, _localisation(), ["p1", "p2", "p3"], n=2)
+    grids = {"joint": (1, 2, 2), "single": (2, 4, 4)}
+    fig = plot_grad_cam(cts, blood, cams, _localisation(), ["p1", "p2", "p3"], grids, n=2)
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles[:3] == ["p2, slice 2", "joint\nno mass in the brain", "single\nratio 4.00"]
+    assert titles[:3] == ["p2, slice 2", "joint\n1×2×2 grid, up-sampled; no mass in the brain",
+                          "single\n2×4×4 grid, up-sampled; ratio 4.00"]
     images = [ax.images[-1] for ax in fig.axes[:6] if ax.get_title().startswith(("joint", "single"))]
     assert all(image.get_clim() == (0, 1) for image in images)
     shown = np.ma.filled(images[0].get_array(), np.nan)

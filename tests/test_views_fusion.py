@@ -23,6 +23,7 @@ from ichpro.views.fusion import (
     padding_attention,
     parameter_counts,
     plot_token_reading,
+    profile_blocks,
     shuffled_tokens_change,
     text_hidden_size,
     token_reading,
@@ -154,3 +155,13 @@ def test_fusion_structure_table_has_one_row_per_structure(tiny):
     assert table.index.tolist() == list(FUSION_STRUCTURES)
     assert table.loc["cross-self", "fusion parameters"] == numel(model.fusion)
     assert "CMAF: text → vision" in table.loc["cross", "attention maps (heads, queries, keys)"]
+
+
+def test_profile_blocks_say_what_each_profile_builds():
+    cpu, paper = (profile_blocks(get_profile(name)) for name in ("cpu", "paper"))
+    assert cpu[0] == ("cpu profile: CMAF's SoftPool: none: its kernel is 1×1×1, so CMAF attends over the "
+                      "full grid (2×4×4 grid).")
+    assert "blocks (2, 4, 8, 4)" in cpu[1] and "DenseNet-121 has (6, 12, 24, 16)" in cpu[1]
+    assert cpu[2] == "MLM: a masked token is predicted over the words of the cohort's reports."
+    assert "kernel 2 on each even side" in paper[0] and "(DenseNet-121's)" in paper[1]
+    assert "whole vocabulary" in paper[2]

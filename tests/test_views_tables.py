@@ -38,7 +38,9 @@ from ichpro.views.tables import (
 def results() -> pd.DataFrame:
     return pd.DataFrame({"row": ["A", "B", "C"], "paper_auc": [0.9, np.nan, 0.8], "auc": [0.7, 0.8, 0.9],
                          "auc_ci_low": [0.6, 0.7, 0.85], "auc_ci_high": [0.8, 0.9, 0.95],
-                         "delong_p": [np.nan, 0.2, 0.01], "ceiling_auc": [0.95, 0.85, 0.9]})
+                         "n_seeds": 3, "auc_seed_min": [0.65, 0.75, 0.85], "auc_seed_max": [0.75, 0.85, 0.95],
+                         "difference": [np.nan, 0.1, 0.2], "p_holm": [np.nan, 0.2, 0.01],
+                         "call": [np.nan, "not established", "real"], "ceiling_auc": [0.95, 0.85, 0.9]})
 
 
 def oof(p_bad, fold=(0, 0, 0, 1, 1, 1), label=(0, 0, 1, 0, 1, 1), **more) -> pd.DataFrame:
@@ -67,7 +69,7 @@ def test_ceilings_sentence_compares_fused_with_the_better_single_one():
 
 def test_pooled_vs_per_fold_on_hand_computed_runs():
     shifted = oof([0.1, 0.2, 0.3, 0.6, 0.7, 0.8])  # each fold ranks perfectly, fold 1 shifted up: 0.6 > 0.3
-    runs = {0: {"X": shifted.assign(p_bad_uncalibrated=[0.1, 0.2, 0.3, 0.25, 0.35, 0.45])}, 1: {"X": shifted}}
+    runs = {"X": {0: shifted.assign(p_bad_uncalibrated=[0.1, 0.2, 0.3, 0.25, 0.35, 0.45]), 1: shifted}}
     late = pooled_vs_per_fold(runs)
     assert list(late.index) == [("X", 0), ("X", 1)]
     assert late.loc[("X", 0), "mean per-fold AUC"] == 1.0
@@ -133,17 +135,17 @@ def test_probe_readings_place_the_model_against_the_probes_ci():
 
 
 def test_rows_against_a_baseline_on_hand_computed_aucs():
-    predictions = {"base": oof([0.1, 0.6, 0.4, 0.2, 0.5, 0.7]),  # AUC 7/9
-                   "perfect": oof([0.1, 0.2, 0.8, 0.3, 0.9, 0.7])}
-    predictions["perfect"] = predictions["perfect"].iloc[::-1]  # matched by patient, not by position
-    versus = versus_row(predictions, "base")
-    assert list(versus.index) == ["perfect"]
-    assert versus.loc["perfect", "auc"] == 1.0
-    assert versus.loc["perfect", "baseline_auc"] == pytest.approx(7 / 9)
-    assert versus.loc["perfect", "gain"] == pytest.approx(2 / 9)
-    said = describe_versus(versus, "base", reference=["perfect"])
-    assert said[0].startswith("1 of 1 rows have a higher AUC than base (0.778)")
-    assert said[-1].startswith("perfect vs base: +0.222 AUC")
+    predictions = {"base": {0: oof([0.1, 0.6, 0.4, 0.2, 0.5, 0.7])},  # AUC 7/9; per fold 1/2 and 1
+                   "perfect": {0: oof([0.1, 0.2, 0.8, 0.3, 0.9, 0.7]).iloc[::-1]}}  # matched by patient
+    rows = [Row("base"), Row("perfect")]
+    versus = versus_row(rows, predictions, "base")
+    assert list(versus.index) == ["perfect"] and versus.at["perfect", "b"] == "base"
+    assert versus.at["perfect", "auc_a"] == 1.0 and versus.at["perfect", "auc_b"] == pytest.approx(7 / 9)
+    assert versus.at["perfect", "difference"] == pytest.approx(0.25)  # mean of the per-fold gains 1/2 and 0
+    said = describe_versus(versus, "base")
+    assert said[0] == "1 of 1 rows have a higher mean AUC than base (0.778)."
+    assert said[1].startswith("Calls against base (Holm over these comparisons): real: 0, equivalent: 0, ")
+    assert said[2] == "The per-fold difference from base ranges from +0.250 (perfect) to +0.250 (perfect)."
 
 
 def test_row_status_tells_loaded_from_trained_rows(tmp_path):
