@@ -63,7 +63,7 @@ def test_table4_has_every_comparator_and_clinical_baseline_once_but_the_declared
     assert set(NOT_IN_TABLE4) <= set(COMPARATORS)
     wanted = [n for n in [*COMPARATORS, *CLINICAL_BASELINES] if n not in NOT_IN_TABLE4]
     assert sorted(n for n in names if n) == sorted(wanted)
-    assert names.count(None) == 1 and TABLES["table4_comparison"][0] == "4_comparison"
+    assert names.count(None) == 2 and TABLES["table4_comparison"][0] == "4_comparison"  # ICHPro and ours
 
 
 def test_unknown_comparator_is_refused_by_name():
@@ -227,7 +227,8 @@ def test_costs_come_from_the_run_folders_and_show_in_markdown(tmp_path):
     assert costs["params"].iloc[0] == 1234
     assert costs["seconds_per_fold"].iloc[0] == 50.0 / row_profile(SMOKE, rows[0]).train.n_folds
     assert costs[["params", "seconds_per_fold"]].iloc[1].isna().all()
-    line = {"row": "x", "delong_p": np.nan, "ceiling_auc": 0.9, "params": 1234, "seconds_per_fold": 10.0}
+    line = {"row": "x", "n_seeds": 1, "difference": np.nan, "ceiling_auc": 0.9, "params": 1234,
+            "seconds_per_fold": 10.0}
     for m in ("accuracy", "recall", "precision", "f1", "auc"):
         line.update({f"paper_{m}": np.nan, m: 0.5, f"{m}_ci_low": 0.4, f"{m}_ci_high": 0.6})
     markdown = to_markdown(pd.DataFrame([line]))
