@@ -34,6 +34,8 @@ REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_TESTABLE = (
 )
 #: a raw or gradient-weighted attention map (``ichpro.explain``) and Grad-CAM
 RAW_MAPS = ("stage1_cmaf_text_to_vision", "stage1_cmaf_vision_to_text", "stage2_mhsaf_self")
+#: a map whose mass on the haematoma is within this share of a uniform map's does not single it out
+FLAT = 0.05
 #: an attention map has moved with the report when some brain cell's attention changes by this factor
 MOVED = 1.10
 SECOND_COHORT = "second_cohort"
@@ -242,7 +244,7 @@ def _localisation(summary: pd.DataFrame | None) -> tuple[str, str, str, str]:
         return "shown, not measured", "", "", ""
     s = summary.set_index("method")
     above = s["pointing_ci_low"] > s["pointing_chance"]
-    points = (s["ratio"] > 1) & above
+    points = (s["ratio"] >= 1 + FLAT) & above
     raw = [m for m in RAW_MAPS if m in s.index]
     weighted = [m for m in s.index if m not in raw]
     best_raw = s.loc[raw, "ratio"].idxmax()
@@ -255,7 +257,8 @@ def _localisation(summary: pd.DataFrame | None) -> tuple[str, str, str, str]:
     reason = (
         f"the raw attention maps put {s.at[best_raw, 'ratio']:.2f}× a uniform map's mass on the haematoma "
         f"at most ({best_raw}); "
-        + ("one points at it above chance" if points[raw].any() else "none points at it above chance")
+        + ("one holds 5 % more than uniform and points at it above chance" if points[raw].any()
+           else "none holds 5 % more than uniform and points at it above chance")
         + f"; {', '.join(m for m in weighted if points[m]) or 'no other map'} does"
     )
     return "shown, not measured", ours, verdict, reason

@@ -76,6 +76,11 @@ def test_attention_verdicts_follow_the_localisation_and_counterfactual_numbers(t
     write(tmp_path, "attention_counterfactual_summary", [{**changes, "largest_change": 0.8}])
     table = verdict_table(tmp_path).set_index("claim")
     assert table.loc["ICHPro's attention falls on the haemorrhage", "verdict"] == REPRODUCED
+    summary.assign(ratio=np.where(summary["method"] == "stage1_cmaf_text_to_vision", 1.01, summary["ratio"])
+                   ).to_csv(tmp_path / "attention_localisation_summary.csv", index=False)
+    # 1.01 times a uniform map's mass does not single out the haematoma, even if the peak falls on it
+    claim = "ICHPro's attention falls on the haemorrhage"
+    assert verdict_table(tmp_path).set_index("claim").at[claim, "verdict"] == PARTLY
     assert table.loc["ICHPro's attention moves with the report", "verdict"] == REPRODUCED  # 1 / 0.8 >= 1.1
 
 
