@@ -9,7 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 
 # executed cpu notebooks are committed (to read without running); other profiles stay in runs/
 ifeq ($(PROFILE),cpu)
-OUTPUTS := --figures-dir figures --notebooks-dir figures/notebooks
+OUTPUTS := --figures-dir figures --notebooks-dir figures/notebooks --readme README.md
 else
 OUTPUTS := --figures-dir runs/$(PROFILE)/figures
 endif

@@ -125,12 +125,13 @@ def execution_order(notebooks: list[Path]) -> list[Path]:
 def run_notebooks(profile: str, only: list[str] | None = None, data_dir: str = "",
                   output_dir: str = "", figures_dir: str = "", seed: int = 0,
                   log_output: bool = False, notebook_dir: Path = NOTEBOOK_DIR,
-                  executed_dir: str = "") -> pd.DataFrame:
+                  executed_dir: str = "", readme: str = "") -> pd.DataFrame:
     """Execute notebooks in order with papermill; returns wall time per notebook (and of the set-up).
 
     Executed copies, and their timings, go to ``executed_dir`` (default ``<output_dir>/notebooks/``);
     a failing notebook's copy is kept there and an :class:`IchproError` carries the failing cell's
-    error.
+    error. With ``readme``, that file's generated blocks are filled from the figures at the end
+    (:func:`fill_readme`).
     """
     import papermill as pm  # heavy (Jupyter's client machinery): only the runner needs it
 
@@ -164,8 +165,35 @@ def run_notebooks(profile: str, only: list[str] | None = None, data_dir: str = "
         timings.append({"notebook": nb.name, "seconds": round(seconds, 1)})
     table = pd.DataFrame(timings)
     _record_timings(table, executed / TIMINGS_FILE)
+    if readme:
+        fill_readme(Path(readme), ctx.figures_dir)
+        print(f"filled the verdict and results tables of {readme}", flush=True)
     print(f"total {np.sum(table['seconds']):.1f} s", flush=True)
     return table
+
+
+#: the README's generated blocks: the verdict table between two comment lines, and each results table
+#: after the line that links its Markdown file
+README_VERDICTS = re.compile(r"(<!-- verdicts:[^\n]*-->\n)(.*?)(<!-- /verdicts -->)", re.S)
+README_TABLES = re.compile(r"(\(figures/(table\d_\w+)\.md\)[^\n]*\n(?:[^|\n][^\n]*\n)*\n)((?:\|[^\n]*\n)+)")
+
+
+def fill_readme(readme: Path, figures: Path) -> None:
+    """Rewrite the README's generated blocks from a run's CSVs: the verdict table
+    (:func:`ichpro.verdicts.verdict_markdown`) and the results tables
+    (:func:`ichpro.experiments.readme_table`); the prose around them is kept."""
+    from ichpro.experiments import readme_table
+    from ichpro.verdicts import verdict_markdown, verdict_table
+
+    readme, figures = Path(readme), Path(figures)
+    text = readme.read_text()
+    if not README_VERDICTS.search(text):
+        raise IchproError(f"{readme} has no verdict block (<!-- verdicts: ... --> ... <!-- /verdicts -->)")
+    verdicts = verdict_markdown(verdict_table(figures))
+    text = README_VERDICTS.sub(lambda m: m.group(1) + verdicts + m.group(3), text)
+    text = README_TABLES.sub(lambda m: m.group(1) + readme_table(pd.read_csv(figures / f"{m.group(2)}.csv")),
+                            text)
+    readme.write_text(text)
 
 
 def name_no_machine(executed: Path) -> None:

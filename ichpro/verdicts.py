@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ichpro.experiments import VARIANT
+from ichpro.paper import reported_tables
 
 REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_TESTABLE = (
     "reproduced",
@@ -54,6 +55,7 @@ class Claim:
     kind: str = "comparison"
     reason: str = ""
     ours: bool = False  # a claim beyond the paper: about the companion's variant or the clinical scores
+    paper_rows: tuple[str, str] = ()  # an untestable claim's (a, b) as the paper's table names them
 
 
 NEIGHBOURS = {
@@ -132,7 +134,9 @@ CLAIMS = (
     Claim(
         "ICHPro beats UniMiSS [19]",
         "Table 4",
+        "table4_comparison",
         kind="untestable",
+        paper_rows=("ICHPro", "UniMiSS (2D+3D) [19]"),
         reason="UniMiSS is a self-supervised model pretrained on large unlabelled 2D and 3D collections; "
         "there is nothing comparable to pretrain it on here, so it has no row",
     ),
@@ -221,6 +225,13 @@ def _paper_numbers(claim: Claim, summary: pd.DataFrame | None) -> str:
     if len(losers) == 1:
         return f"{winners[0]:.3f} vs {losers[0]:.3f}"
     return f"{'/'.join(f'{w:.3f}' for w in winners)} vs {min(losers):.3f}-{max(losers):.3f}"
+
+
+def _paper_for_untestable(claim: Claim) -> str:
+    """The paper's AUCs of an untestable claim's rows, from the paper's reported table."""
+    reported = reported_tables()
+    auc = reported[reported["table"] == claim.table.removeprefix("table")].set_index("row")["auc"]
+    return " vs ".join(f"{auc[row]:.3f}" for row in claim.paper_rows)
 
 
 def _headline(summary: pd.DataFrame | None) -> tuple[str, str, str, str]:
@@ -320,12 +331,6 @@ def verdict_table(figures: str | Path) -> pd.DataFrame:
         )
     return pd.DataFrame(lines)
 
-
-def _paper_for_untestable(claim: Claim) -> str:
-    from ichpro.paper import reported_tables
-
-    table = reported_tables().query("table == '4_comparison'").set_index("row")["auc"]
-    return f"{table['ICHPro']:.3f} vs {table['UniMiSS (2D+3D) [19]']:.3f}"
 
 
 def verdict_markdown(table: pd.DataFrame) -> str:

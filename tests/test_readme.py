@@ -7,24 +7,37 @@ import pandas as pd
 import pytest
 
 from ichpro.config import REPO_ROOT
+from ichpro.errors import IchproError
 from ichpro.experiments import readme_table
-from ichpro.verdicts import verdict_markdown, verdict_table
+from ichpro.reproduce import README_TABLES, README_VERDICTS, fill_readme
 
 README = (REPO_ROOT / "README.md").read_text()
 FIGURES = REPO_ROOT / "figures"
-#: a README results table follows the link to its Markdown file in figures/
-TABLE_LINK = re.compile(r"\(figures/(table\d_\w+)\.md\)[^\n]*\n(?:[^|\n][^\n]*\n)*\n((?:\|[^\n]*\n)+)")
 
 
 def test_every_results_table_is_quoted():
-    quoted = {m.group(1) for m in TABLE_LINK.finditer(README)}
+    quoted = {m.group(2) for m in README_TABLES.finditer(README)}
     assert quoted == {"table1_modalities", "table2_fusion", "table3_losses", "table4_comparison"}
 
 
-@pytest.mark.parametrize("match", list(TABLE_LINK.finditer(README)), ids=lambda m: m.group(1))
-def test_readme_table_equals_its_committed_csv(match):
-    expected = readme_table(pd.read_csv(FIGURES / f"{match.group(1)}.csv"))
-    assert match.group(2) == expected, f"regenerate with ichpro.experiments.readme_table({match.group(1)})"
+def test_the_readme_tables_and_verdicts_are_the_committed_csvs(tmp_path):
+    copy = tmp_path / "README.md"
+    copy.write_text(README)
+    fill_readme(copy, FIGURES)
+    assert copy.read_text() == README, "regenerate with make reproduce (ichpro.reproduce.fill_readme)"
+
+
+def test_filling_a_readme_rewrites_only_its_generated_blocks(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# A\n<!-- verdicts: here -->\nSTALE\n<!-- /verdicts -->\n\n"
+                      "[t1](figures/table1_modalities.md) below.\n\n| STALE |\n| --- |\n\nafter\n")
+    fill_readme(readme, FIGURES)
+    text = readme.read_text()
+    assert text.startswith("# A\n<!-- verdicts: here -->\n| claim (source) |") and "STALE" not in text
+    assert text.endswith(readme_table(pd.read_csv(FIGURES / "table1_modalities.csv")) + "\nafter\n")
+    readme.write_text("# no blocks\n")
+    with pytest.raises(IchproError, match="no verdict block"):
+        fill_readme(readme, FIGURES)
 
 
 def test_readme_table_formats_a_row_by_hand():
@@ -41,18 +54,12 @@ def test_readme_table_formats_a_row_by_hand():
     assert line.endswith("| 1 seed | reference |  |  | 0.912 |")
 
 
-#: the README's verdict table sits between these two lines
-VERDICTS = re.compile(r"<!-- verdicts:[^\n]*-->\n(.*?)<!-- /verdicts -->", re.S)
-
-
 def test_the_readme_shows_the_verdict_table_of_the_committed_results_on_its_first_screen():
-    match = VERDICTS.search(README)
+    match = README_VERDICTS.search(README)
     assert match, "the README needs its verdict block"
     assert README[:match.end()].count("\n") < 60 + len(match.group(1).splitlines())
     assert README[:match.start()].count("\n") < 60
-    assert match.group(1).strip() == verdict_markdown(verdict_table(FIGURES)).strip(), (
-        "regenerate with ichpro.verdicts.verdict_markdown(verdict_table('figures'))")
-    assert "not run" not in match.group(1)
+    assert "not run" not in match.group(2)
 
 
 def test_the_readme_is_a_landing_page():
