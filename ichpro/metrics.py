@@ -84,6 +84,13 @@ def _inputs(labels, p_bad) -> tuple[np.ndarray, np.ndarray]:
     return y, _scores(p_bad, "p_bad", y.size)
 
 
+def runs_on_patients(labels, p_bad_by_seed) -> tuple[np.ndarray, np.ndarray]:
+    """Checked labels and the (r, n) P(bad) of r runs (seeds) on the same n patients."""
+    y = _labels(labels)
+    runs = np.atleast_2d(np.asarray(p_bad_by_seed, dtype=float))
+    return y, np.stack([_scores(p, "p_bad", y.size) for p in runs])
+
+
 def _check_threshold(threshold: float) -> None:
     if not 0.0 <= threshold <= 1.0:
         raise IchproError(f"threshold must lie in [0, 1]; got {threshold}")
@@ -101,7 +108,7 @@ def _bin_index(p: np.ndarray, n_bins: int) -> np.ndarray:
     return np.minimum((p * n_bins).astype(np.intp), n_bins - 1)
 
 
-def _auc(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+def auc_rows(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     """Row-wise ROC AUC by the Mann-Whitney midrank formula; NaN for rows with a single class."""
     n_pos = y.sum(axis=-1)
     n_neg = y.shape[-1] - n_pos
@@ -141,7 +148,7 @@ def _batch_metrics(y: np.ndarray, p: np.ndarray, threshold: float,
         "specificity": specificity,
         "brier": ((p - y) ** 2).mean(axis=-1),
     }
-    lazy = {"auc": _auc, "ece": _ece}
+    lazy = {"auc": auc_rows, "ece": _ece}
     return {name: values[name] if name in values else lazy[name](y, p) for name in names}
 
 
@@ -154,11 +161,14 @@ def _check_names(names: Iterable[str]) -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------- bootstrap
-def _bootstrap_indices(y: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, n) patient indices, resampled with replacement within each class (stratified)."""
+def bootstrap_indices(y: np.ndarray, n_boot: int, seed: int, stratified: bool = True) -> np.ndarray:
+    """(n_boot, n) patient indices, resampled with replacement, within each class when ``stratified``
+    (every replicate then has the observed outcome rate)."""
     if n_boot < 1:
         raise IchproError(f"n_boot must be at least 1; got {n_boot}")
     rng = np.random.default_rng(seed)
+    if not stratified:
+        return rng.integers(0, y.size, size=(n_boot, y.size))
     strata = [np.flatnonzero(y == c) for c in (1, 0)]
     return np.concatenate([rng.choice(s, size=(n_boot, s.size)) for s in strata if s.size], axis=1)
 
@@ -172,7 +182,7 @@ def _replicates(y: np.ndarray, p: np.ndarray, index: np.ndarray, threshold: floa
     return {name: np.concatenate([block[name] for block in blocks]) for name in names}
 
 
-def _percentile_ci(values: np.ndarray, level: float) -> tuple[float, float]:
+def percentile_ci(values: np.ndarray, level: float) -> tuple[float, float]:
     if not 0.0 < level < 1.0:
         raise IchproError(f"level must lie strictly between 0 and 1; got {level}")
     low, high = np.percentile(values, [50 * (1 - level), 50 * (1 + level)])
@@ -194,8 +204,8 @@ def metrics_table(labels, p_bad, n_boot: int = 1000, seed: int = 0, threshold: f
     _check_threshold(threshold)
     names = _check_names(metrics)
     point = _batch_metrics(y[None], p[None], threshold, names)
-    boot = _replicates(y, p, _bootstrap_indices(y, n_boot, seed), threshold, names)
-    rows = [(name, float(point[name][0]), *_percentile_ci(boot[name], level)) for name in names]
+    boot = _replicates(y, p, bootstrap_indices(y, n_boot, seed), threshold, names)
+    rows = [(name, float(point[name][0]), *percentile_ci(boot[name], level)) for name in names]
     return pd.DataFrame(rows, columns=["metric", "value", "ci_low", "ci_high"])
 
 
@@ -205,11 +215,10 @@ def metrics_over_seeds(labels, p_bad_by_seed, n_boot: int = 1000, seed: int = 0,
     array of P(bad)): each metric's ``value`` is its mean over the runs, with ``seed_min``,
     ``seed_max``, ``seed_sd`` (ddof 1; NaN for one run) and ``n_seeds``; the CI is the percentile
     interval of that mean over one set of patient resamples shared by every run."""
-    y = _labels(labels)
-    runs = [_scores(p, "p_bad", y.size) for p in np.atleast_2d(np.asarray(p_bad_by_seed, dtype=float))]
+    y, runs = runs_on_patients(labels, p_bad_by_seed)
     _check_threshold(threshold)
     names = _check_names(metrics)
-    index = _bootstrap_indices(y, n_boot, seed)
+    index = bootstrap_indices(y, n_boot, seed)
     point = [_batch_metrics(y[None], p[None], threshold, names) for p in runs]
     boot = [_replicates(y, p, index, threshold, names) for p in runs]
     rows = []
@@ -217,7 +226,7 @@ def metrics_over_seeds(labels, p_bad_by_seed, n_boot: int = 1000, seed: int = 0,
         values = np.array([run[name][0] for run in point])
         mean_boot = np.mean([run[name] for run in boot], axis=0)
         sd = float(values.std(ddof=1)) if values.size > 1 else np.nan
-        rows.append((name, float(values.mean()), *_percentile_ci(mean_boot, level), float(values.min()),
+        rows.append((name, float(values.mean()), *percentile_ci(mean_boot, level), float(values.min()),
                      float(values.max()), sd, values.size))
     columns = ["metric", "value", "ci_low", "ci_high", "seed_min", "seed_max", "seed_sd", "n_seeds"]
     return pd.DataFrame(rows, columns=columns)
@@ -230,8 +239,8 @@ def bootstrap_ci(labels, p_bad, metric: str | MetricFn, n_boot: int = 1000, leve
         row = metrics_table(labels, p_bad, n_boot, seed, threshold, (metric,), level).iloc[0]
         return float(row["value"]), float(row["ci_low"]), float(row["ci_high"])
     y, p = _inputs(labels, p_bad)
-    values = np.array([metric(y[i], p[i]) for i in _bootstrap_indices(y, n_boot, seed)], dtype=float)
-    return (float(metric(y, p)), *_percentile_ci(values, level))
+    values = np.array([metric(y[i], p[i]) for i in bootstrap_indices(y, n_boot, seed)], dtype=float)
+    return (float(metric(y, p)), *percentile_ci(values, level))
 
 
 def delong_test(labels, p_a, p_b) -> tuple[float, float, float]:
