@@ -24,7 +24,7 @@ on ICHPro's); CMAF's text -> vision localisation on 40 patients (half per outcom
 uniform, and pointing-game hit rate); and the counterfactual of notebook 11 on 24 good-outcome
 patients (GCS -> 5, age -> 85: ICHPro's mean change of P(bad), the oracle's, and how often their
 signs agree; ``--quick``: 8 and 6 patients); the same localisation for the map weighted by its gradient
-(``ichpro.explain.gradient_weighted_attention``). Runs are keyed by their config, so variants share
+(``ichpro.heatmaps.gradient_weighted_attention``). Runs are keyed by their config, so variants share
 the rows they do not change. Unlike the speed benchmarks it uses the real pretrained encoders, in the
 cache ``make reproduce`` fills (``--cache``), where each variant's pretraining has its own key.
 """
@@ -42,7 +42,8 @@ from sklearn.metrics import roc_auc_score
 from ichpro.cohort import ensure_cohort
 from ichpro.config import cache_root, get_profile
 from ichpro.experiments import row_folder, run_rows, table_rows
-from ichpro.explain import GRADIENT_WEIGHTED, counterfactual_table, localisation_summary, localisation_table
+from ichpro.explain import counterfactual_table, localisation_summary, localisation_table
+from ichpro.heatmaps import GRADIENT_WEIGHTED
 from ichpro.losses import VTMF
 from ichpro.manifest import load_manifest
 from ichpro.predict import load_run

@@ -1,7 +1,7 @@
-"""Explanations of a trained ICHPro model: Grad-CAM, attention maps, TRT's token attention, their
-overlap with the haematoma (read against the pointing game's chance and the ceiling a map's grid
-allows; for the comparators' Grad-CAM too), counterfactual reports, and maps moved back onto the
-original CT's voxels.
+"""Explanations of a trained ICHPro model: its maps per patient (from :mod:`ichpro.heatmaps`),
+TRT's token attention, their overlap with the haematoma (read against the pointing game's chance and
+the ceiling a map's grid allows; for the comparators' Grad-CAM too), counterfactual reports, and maps
+moved back onto the original CT's voxels.
 
 Every map lives on the model input's voxel grid (D, H, W) (see ``ichpro.data``) unless
 :func:`to_original_grid` moves it. The functions put the model in eval mode while they work and
@@ -26,68 +26,25 @@ from ichpro.cohort import OUTCOME_MODEL
 from ichpro.config import PreprocessConfig
 from ichpro.data import preprocess_steps, preprocess_transforms
 from ichpro.errors import IchproError
-from ichpro.gradcam import explaining, feature_grid, grad_cam
+from ichpro.gradcam import feature_grid, grad_cam
+from ichpro.heatmaps import (
+    GRAD_CAM,
+    GRADIENT_WEIGHTED,
+    attention_volumes,
+    forward,
+    gradient_weighted_attention,
+)
 from ichpro.manifest import load_manifest
-from ichpro.models import ICHPro, ModelOutput
 from ichpro.plots import binomial_ci
 from ichpro.predict import TrainedRun, read_report
 from ichpro.reports import Report, parse, render
 from ichpro.text import tokenize
 
-GRAD_CAM = "grad_cam"  # method name of Grad-CAM in the localisation table
-GRADIENT_WEIGHTED = "_x_gradient"  # suffix of a gradient-weighted attention map's method name
 MEASURES = ("mass_inside", "volume_share", "ratio", "pointing_hit")
 
 
 # --------------------------------------------------------------------------------------------
 # Grad-CAM and attention maps
-
-
-def _volumes(out: ModelOutput, size: tuple[int, int, int], names: Sequence[str] | None
-             ) -> dict[str, torch.Tensor]:
-    """The named attention maps of a forward pass on the input grid (all of them by default)."""
-    names = list(out.attentions) if names is None else list(names)
-    unknown = [name for name in names if name not in out.attentions]
-    if unknown:
-        raise IchproError(f"no attention map {unknown[0]!r} in this model; "
-                          f"it has {', '.join(out.attentions)}")
-    return {name: out.attention_volume(name, size) for name in names}
-
-
-def _output(model: ICHPro, batch: Mapping[str, torch.Tensor]) -> ModelOutput:
-    """One forward pass in eval mode, without gradients."""
-    with explaining(model), torch.no_grad():
-        return model(batch)
-
-
-def attention_maps(model: ICHPro, batch: Mapping[str, torch.Tensor], names: Sequence[str] | None = None
-                   ) -> dict[str, torch.Tensor]:
-    """Each fusion attention map on the input grid: name -> (B, D, H, W), each voxel holding the
-    share of attention its grid cell receives (see ``ModelOutput.attention_volume``)."""
-    return _volumes(_output(model, batch), tuple(batch["ct"].shape[2:]), names)
-
-
-def gradient_weighted_attention(model: ICHPro, batch: Mapping[str, torch.Tensor], target_class: int = 1
-                                ) -> dict[str, torch.Tensor]:
-    """Each fusion attention map weighted by its gradient, on the input grid: name +
-    :data:`GRADIENT_WEIGHTED` -> (B, D, H, W), summing to 1 over the grid.
-
-    The rule of Chefer, Gur & Wolf (ICCV 2021) for one attention layer: the positive part of
-    (d logit / d A) * A, averaged over heads and queries, where ``logit`` is ``target_class``'s
-    (1 = bad outcome). A key cell counts by the attention it receives where that attention raises
-    the logit; the raw map (:func:`attention_maps`) counts all attention alike, whether or not the
-    prediction uses it. A patient whose map has no positive part gets an all-zero map.
-    """
-    with explaining(model), torch.enable_grad():
-        out = model(batch)
-        names = list(out.attentions)
-        grads = torch.autograd.grad(out.logits[:, target_class].sum(), [out.attentions[n] for n in names])
-    weighted = ModelOutput(
-        logits=out.logits.detach(),
-        attentions={name + GRADIENT_WEIGHTED: (grad * out.attentions[name]).detach().float().clamp(min=0)
-                    for name, grad in zip(names, grads)},
-        attention_grids={name + GRADIENT_WEIGHTED: out.attention_grids[name] for name in names})
-    return _volumes(weighted, tuple(batch["ct"].shape[2:]), None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,11 +128,11 @@ def patient_maps(run: TrainedRun, batch: Mapping[str, torch.Tensor], with_gradie
                  ) -> dict[str, np.ndarray]:
     """Every map of one patient's batch, averaged over the run's fold models: name -> (D, H, W).
     ``with_gradients`` adds the maps a backward pass makes: the gradient-weighted attention maps
-    (:func:`gradient_weighted_attention`) and Grad-CAM."""
+    (:func:`ichpro.heatmaps.gradient_weighted_attention`) and Grad-CAM."""
     size = tuple(batch["ct"].shape[2:])
     per_model = []
     for model in run.models:
-        maps = {name: v[0] for name, v in _volumes(_output(model, batch), size, None).items()}
+        maps = {name: v[0] for name, v in attention_volumes(forward(model, batch), size, None).items()}
         if with_gradients:
             maps.update({name: v[0] for name, v in gradient_weighted_attention(model, batch).items()})
             maps[GRAD_CAM] = grad_cam(model, batch)[0]
@@ -315,7 +272,7 @@ def token_attention(run: TrainedRun, report: str) -> pd.Series:
     and the run's fold models; index ``position:token``. It sums to 1: a token read no more than
     any other gets 1 / tokens."""
     batch = _blank_ct_batch(run, report)  # TRT reads only the report
-    outputs = [_output(model, batch) for model in run.models]
+    outputs = [forward(model, batch) for model in run.models]
     if outputs[0].token_attention is None:
         raise IchproError("this run's TRT has no token attention (positional TRT or a vision-only model)")
     read = torch.stack([out.token_attention[0].mean(dim=(0, 1)) for out in outputs]).mean(0)
@@ -353,7 +310,7 @@ def _model_input(run: TrainedRun, ct: str | Path | torch.Tensor) -> torch.Tensor
 
 def _p_bad(run: TrainedRun, batch: Mapping[str, torch.Tensor]) -> float:
     """P(bad outcome), the mean over the run's fold models."""
-    return float(np.mean(run.p_bad_per_fold([_output(m, batch) for m in run.models])))
+    return float(np.mean(run.p_bad_per_fold([forward(m, batch) for m in run.models])))
 
 
 def counterfactual(run: TrainedRun, ct: str | Path | torch.Tensor, report: str,

@@ -37,7 +37,8 @@ class _BadOutcome(nn.Module):
     GradCAM hooks ``features``, a throwaway identity that the output of the model's
     ``gradcam_layer`` passes through (MONAI never removes its hooks, so none go on the model). That
     output is made a leaf requiring a gradient: the backward pass stops there, whether or not the
-    layer's weights are frozen.
+    layer's weights are frozen. The model goes on with a copy, so that an in-place operation after
+    the layer (MONAI DenseNet's ``ReLU(inplace=True)``) never modifies the hooked view.
     """
 
     def __init__(self, model: PrognosisModel):
@@ -47,7 +48,7 @@ class _BadOutcome(nn.Module):
 
     def forward(self, grid: torch.Tensor, **batch: torch.Tensor) -> torch.Tensor:
         hook = _layer(self.model).register_forward_hook(
-            lambda _module, _inputs, output: self.features(output.detach().requires_grad_(True)))
+            lambda _module, _inputs, output: self.features(output.detach().requires_grad_(True)).clone())
         try:
             return self.model(batch).logits
         finally:

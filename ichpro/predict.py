@@ -28,16 +28,14 @@ from ichpro.checkpoints import load_weights
 from ichpro.clinical import CLINICAL_BASELINES
 from ichpro.config import Profile, profile_from_dict
 from ichpro.errors import IchproError
-from ichpro.gradcam import grad_cam
+from ichpro.heatmaps import GRAD_CAM, choose_heatmap, describe_heatmap, heatmap
 from ichpro.manifest import ct_problem, normalised, report_problem, report_text
-from ichpro.models import ModelOutput, PrognosisModel
+from ichpro.models import ICHPro, ModelOutput, PrognosisModel
 from ichpro.plots import save_figure
 from ichpro.reports import field_status
 from ichpro.text import TextBackbone, load_text_backbone
 from ichpro.train import CALIBRATION_FILE, encoders_profile, fresh_model
 
-#: the heat map of a model with fusion attention maps (ICHPro); a model without any gets Grad-CAM
-DEFAULT_ATTENTION = "stage1_cmaf_text_to_vision"
 REPORT_SUFFIXES = (".txt", ".md", ".rtf", ".text", ".doc", ".docx")
 
 
@@ -70,8 +68,8 @@ class Prediction:
     p_bad: float  # mean over the fold models
     p_bad_per_fold: list[float]
     ct: np.ndarray  # the preprocessed model input (D, H, W)
-    heatmap: np.ndarray | None  # on the input grid (D, H, W), mean over the fold models
-    heatmap_name: str  # the attention map's name, "grad_cam", or why there is none
+    heatmap: np.ndarray | None  # on the input grid (D, H, W), mean over the fold models; None if not asked
+    heatmap_name: str  # its kind (:func:`ichpro.heatmaps.heatmap_kinds`), or "" when none was drawn
     report_fields: dict[str, str]  # each expected report field: "given", "missing" or "unreadable"
 
 
@@ -145,36 +143,34 @@ def patient_batch(run: TrainedRun, manifest: pd.DataFrame) -> tuple[dict[str, to
 
 
 @torch.no_grad()
-def predict_patient(run: TrainedRun, ct_path: str | Path, report: str,
-                    attention_map: str = DEFAULT_ATTENTION) -> Prediction:
-    """P(bad outcome) of one patient (CT file or DICOM folder + report text or file) and a heat map:
-    the fusion attention map ``attention_map`` where the model has it, else Grad-CAM where the model
-    names a layer for it."""
+def predict_patient(run: TrainedRun, ct_path: str | Path, report: str, with_heatmap: bool = True,
+                    heatmap_kind: str | None = None) -> Prediction:
+    """P(bad outcome) of one patient (CT file or DICOM folder + report text or file) and, with
+    ``with_heatmap``, the heat map ``heatmap_kind`` (:mod:`ichpro.heatmaps`; None: the model's
+    default) averaged over the fold models."""
     manifest = patient_manifest(ct_path, report)
     batch, ct = patient_batch(run, manifest)
     outputs = [model(batch) for model in run.models]
-    size = tuple(ct.shape[2:])
-    heatmap, name = None, f"none: the model has no attention map {attention_map!r} and no Grad-CAM layer"
-    if attention_map in outputs[0].attentions:
-        heatmap = np.mean([out.attention_volume(attention_map, size)[0].numpy() for out in outputs], axis=0)
-        name = attention_map
-    elif run.models[0].gradcam_layer is not None:
+    volume, kind = None, ""
+    if with_heatmap:
+        # from the CT, not its cached features: Grad-CAM weighs the encoder
+        if isinstance(run.models[0], ICHPro):
+            batch = {**{k: v for k, v in batch.items() if k != "vision_features"}, "ct": ct}
+        kind = choose_heatmap(run.models[0], batch, heatmap_kind)
         with torch.enable_grad():
-            heatmap = np.mean([grad_cam(model, batch, size)[0].numpy() for model in run.models], axis=0)
-        name = "grad_cam"
+            volume = np.mean([heatmap(model, batch, kind, tuple(ct.shape[2:]))[0].numpy()
+                              for model in run.models], axis=0)
     per_fold = run.p_bad_per_fold(outputs)
-    return Prediction(float(np.mean(per_fold)), per_fold, ct[0, 0].numpy(), heatmap, name,
+    return Prediction(float(np.mean(per_fold)), per_fold, ct[0, 0].numpy(), volume, kind,
                       field_status(manifest["report"].iloc[0]))
 
 
 def save_heatmap(prediction: Prediction, out_prefix: Path) -> tuple[Path, Path]:
-    """Write the heat map as NIfTI (model-input grid, 1 mm voxels) and a PNG overlay of its
-    strongest slice: ``<prefix>_attention.*`` for an attention map, ``<prefix>_grad_cam.*`` for
-    Grad-CAM."""
+    """Write the heat map as NIfTI (model-input grid, 1 mm voxels) and a PNG overlay of its strongest
+    slice, titled with the map's kind: ``<prefix>_<kind>.nii.gz`` and ``.png``."""
     if prediction.heatmap is None:
-        raise IchproError(f"no heat map to save ({prediction.heatmap_name})")
-    gradcam = prediction.heatmap_name == "grad_cam"
-    kind = "grad_cam" if gradcam else "attention"
+        raise IchproError("no heat map to save: predict with a heat map kind")
+    kind = prediction.heatmap_name
     out_prefix = Path(out_prefix)
     out_prefix.parent.mkdir(parents=True, exist_ok=True)
     nifti = out_prefix.with_name(f"{out_prefix.name}_{kind}.nii.gz")
@@ -183,14 +179,14 @@ def save_heatmap(prediction: Prediction, out_prefix: Path) -> tuple[Path, Path]:
     k = int(prediction.heatmap.sum(axis=(1, 2)).argmax())
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.imshow(prediction.ct[k], cmap="gray", vmin=0, vmax=0.25)
-    if gradcam:  # in [0, 1], 1 at the patient's maximum
+    if kind == GRAD_CAM:  # in [0, 1], 1 at the patient's maximum
         ax.imshow(prediction.heatmap[k], cmap="inferno", vmin=0, vmax=1, alpha=0.5)
-        title = f"P(bad) {prediction.p_bad:.2f}; Grad-CAM, slice {k}"
+        scale = "1 = its maximum"
     else:  # shares of attention: 1 = uniform
         ax.imshow(prediction.heatmap[k] / prediction.heatmap.mean(), cmap="coolwarm", vmin=0, vmax=2,
                   alpha=0.5)
-        title = f"P(bad) {prediction.p_bad:.2f}; attention / uniform, slice {k}"
-    ax.set_title(title, fontsize=9)
+        scale = "1 = uniform"
+    ax.set_title(f"P(bad) {prediction.p_bad:.2f}; {describe_heatmap(kind)}\n(slice {k}; {scale})", fontsize=8)
     ax.axis("off")
     png = save_figure(fig, out_prefix.with_name(f"{out_prefix.name}_{kind}.png"))
     return nifti, png

@@ -266,3 +266,25 @@ def test_cli_trains_a_comparator_with_its_table4_settings_then_evaluates_and_pre
                  "--report", patient["report"], "--heatmap", str(tmp_path / "patient")]) == 0
     out = capsys.readouterr().out
     assert "P(bad outcome)" in out and "patient_grad_cam.png" in out
+
+
+@pytest.fixture(scope="module")
+def few_patients(manifest):
+    """Twelve patients of each outcome: enough for two folds of a one-epoch run."""
+    return pd.concat([manifest[manifest["label"] == k].head(12) for k in (0, 1)]).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("name", list(COMPARATORS))
+def test_predict_draws_a_heat_map_of_every_trainable_comparator(name, few_patients, cache, tmp_path, capsys):
+    from ichpro.cli import main
+
+    profile = replace(comparator_profile(name), train=replace(FAST.train, epochs=1, n_folds=2))
+    prepare_vision_weights(profile, quiet=True)
+    cross_validate(profile, few_patients, tmp_path / "run", quiet=True, cache_dir=cache)
+    patient = few_patients.iloc[0]
+    assert main(["predict", "--checkpoint", str(tmp_path / "run"), "--ct", patient["ct_path"],
+                 "--report", patient["report"], "--heatmap", str(tmp_path / "map")]) == 0
+    out = capsys.readouterr().out
+    kind = "slice_attention" if name == "slice2d" else "grad_cam"  # the 2D network has no Grad-CAM layer
+    assert (tmp_path / f"map_{kind}.png").is_file() and (tmp_path / f"map_{kind}.nii.gz").is_file()
+    assert "ichpro card" in out  # no card yet: predict says how to write it

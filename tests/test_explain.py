@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from monai.transforms import Resize
 
-from ichpro import explain
+from ichpro import explain, heatmaps
 from ichpro.config import get_profile
 from ichpro.data import preprocess_transforms
 from ichpro.errors import IchproError
@@ -100,29 +100,29 @@ def test_attention_maps_cover_every_fusion_map(run, batch):
     model = run.models[0]
     with torch.no_grad():
         out = model(batch)
-    maps = explain.attention_maps(model, batch)
+    maps = heatmaps.attention_maps(model, batch)
     assert set(maps) == set(out.attentions) and len(maps) == 3
     for name, volume in maps.items():
         assert volume.shape == (2, *SIZE) and volume.min() >= 0
         cells = math.prod(out.attention_grids[name])  # each voxel holds its cell's share
         torch.testing.assert_close(volume.mean(dim=(1, 2, 3)) * cells, torch.ones(2))
     name = next(iter(maps))
-    assert list(explain.attention_maps(model, batch, [name])) == [name]
+    assert list(heatmaps.attention_maps(model, batch, [name])) == [name]
     with pytest.raises(IchproError, match="no attention map 'nope'"):
-        explain.attention_maps(model, batch, ["nope"])
+        heatmaps.attention_maps(model, batch, ["nope"])
 
 
 def test_gradient_weighted_attention_is_a_share_of_each_map_and_leaves_the_model_as_found(run, batch):
     model = run.models[0]
     model.train()
-    maps = explain.gradient_weighted_attention(model, batch)
+    maps = heatmaps.gradient_weighted_attention(model, batch)
     assert model.training and all(p.grad is None for p in model.parameters())
     with torch.no_grad():
         out = model(batch)
-    assert set(maps) == {name + explain.GRADIENT_WEIGHTED for name in out.attentions}
+    assert set(maps) == {name + heatmaps.GRADIENT_WEIGHTED for name in out.attentions}
     for name, volume in maps.items():
         assert volume.shape == (2, *SIZE) and volume.min() >= 0
-        cells = math.prod(out.attention_grids[name.removesuffix(explain.GRADIENT_WEIGHTED)])
+        cells = math.prod(out.attention_grids[name.removesuffix(heatmaps.GRADIENT_WEIGHTED)])
         mass = volume.mean(dim=(1, 2, 3)) * cells  # 1, or 0 for a map without a positive part
         assert all(torch.isclose(m, torch.tensor(1.0)) or m == 0 for m in mass)
     assert any(volume.std() > 0 for volume in maps.values())  # not all flat
@@ -363,11 +363,11 @@ def test_map_grids_and_feature_grid_name_each_map_s_grid(run, batch):
     model = run.models[0]
     grids = explain.map_grids(run)
     assert set(grids) == set(explain.patient_maps(run, {k: v[:1] for k, v in batch.items()}))
-    assert grids[explain.GRAD_CAM] == tuple(model.vision(batch["ct"]).shape[2:])
-    weighted = {k.removesuffix(explain.GRADIENT_WEIGHTED): v for k, v in grids.items()
-                if k.endswith(explain.GRADIENT_WEIGHTED)}
+    assert grids[heatmaps.GRAD_CAM] == tuple(model.vision(batch["ct"]).shape[2:])
+    weighted = {k.removesuffix(heatmaps.GRADIENT_WEIGHTED): v for k, v in grids.items()
+                if k.endswith(heatmaps.GRADIENT_WEIGHTED)}
     raw = {k: v for k, v in grids.items()
-           if k != explain.GRAD_CAM and not k.endswith(explain.GRADIENT_WEIGHTED)}
+           if k != heatmaps.GRAD_CAM and not k.endswith(heatmaps.GRADIENT_WEIGHTED)}
     assert raw == weighted == model.fusion.map_grids  # a weighted map lies on its attention map's grid
     comparator = build_comparator("quantification", SMOKE.model).eval()
     ct = torch.zeros(1, 1, *SMOKE.model.comparator_input)

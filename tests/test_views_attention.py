@@ -7,7 +7,7 @@ import pytest
 import torch
 from matplotlib.colors import LogNorm
 
-from ichpro.explain import GRAD_CAM
+from ichpro.heatmaps import GRAD_CAM
 from ichpro.views.attention import (
     Patient,
     change_factors,

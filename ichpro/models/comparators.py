@@ -52,10 +52,13 @@ CLINICAL_FEATURES = ("age", "male", "gcs", "onset_to_ct_min", "surgical")
 
 @dataclass
 class HeadOutputs:
-    """A comparator's raw outputs: prognosis logits (B, 2) and its other heads' outputs by name."""
+    """A comparator's raw outputs: prognosis logits (B, 2), its other heads' outputs by name, and
+    its attention maps as ``ModelOutput`` holds them (name -> (B, heads, queries, keys), and grids)."""
 
     logits: torch.Tensor
     aux: dict[str, torch.Tensor] = field(default_factory=dict)
+    attentions: dict[str, torch.Tensor] = field(default_factory=dict)
+    attention_grids: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
 
 def clinical_tensor(df: pd.DataFrame) -> torch.Tensor:
@@ -108,7 +111,8 @@ class Comparator(PrognosisModel):
 
     def forward(self, batch: dict) -> ModelOutput:
         heads = self.head_outputs(batch)
-        out = ModelOutput(heads.logits, auxiliary=self.auxiliary_predictions(heads))
+        out = ModelOutput(heads.logits, auxiliary=self.auxiliary_predictions(heads),
+                          attentions=heads.attentions, attention_grids=heads.attention_grids)
         if self.is_labelled(batch):
             out.loss, out.terms = self.loss(heads, batch)
         return out
@@ -260,7 +264,8 @@ class Small3DCNN(Comparator):
 
 class SliceCNN2D(Comparator):
     """A 2D CNN on every axial slice; slice features pooled over the volume with gated attention
-    weights (returned as ``aux["slice_weights"]``, (B, D)), then a linear head."""
+    weights (returned as ``aux["slice_weights"]``, (B, D), and as the attention map
+    ``slice_attention`` over a (D, 1, 1) grid, the heat map it draws), then a linear head."""
 
     def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128)):
         super().__init__()
@@ -275,7 +280,8 @@ class SliceCNN2D(Comparator):
         slices = global_pool(self.features(ct.transpose(1, 2).reshape(b * d, 1, h, w))).reshape(b, d, -1)
         weights = self.attention(slices).squeeze(-1).softmax(dim=1)
         pooled = (weights.unsqueeze(-1) * slices).sum(1)
-        return HeadOutputs(self.head(pooled), {"slice_weights": weights})
+        return HeadOutputs(self.head(pooled), {"slice_weights": weights},
+                           {"slice_attention": weights[:, None, None, :]}, {"slice_attention": (d, 1, 1)})
 
 
 class ImageGCSLateFusion(Comparator):

@@ -17,7 +17,8 @@ from matplotlib.colors import LogNorm, Normalize
 from sklearn.metrics import roc_auc_score
 
 from ichpro.experiments import CEILINGS
-from ichpro.explain import GRAD_CAM, GRADIENT_WEIGHTED, attention_in_mask, brain_of, patient_volumes
+from ichpro.explain import attention_in_mask, brain_of, patient_volumes
+from ichpro.heatmaps import GRAD_CAM, GRADIENT_WEIGHTED
 from ichpro.predict import TrainedRun
 from ichpro.pretrain import pretrained_path
 from ichpro.reports import field_status
