@@ -1,5 +1,5 @@
 """The ``ichpro`` command line: ``ichpro synth | validate | pretrain-vision | train | table | evaluate |
-predict | reproduce`` (``--help`` on each).
+predict | card | reproduce`` (``--help`` on each).
 
 Each command imports what it needs inside its own function: torch, MONAI and transformers take
 seconds to import, and ``ichpro --help`` or ``ichpro validate`` should not wait for them.
@@ -128,6 +128,19 @@ def _train(args: argparse.Namespace) -> int:
     scores = classification_metrics(oof["label"], oof["p_bad"])
     print(f"{len(oof)} out-of-fold predictions in {args.out}: AUC {scores['auc']:.3f}, "
           f"accuracy {scores['accuracy']:.3f}, F1 {scores['f1']:.3f}")
+    if os.environ.get("RANK", "0") == "0":
+        from ichpro.model_card import write_model_card
+
+        print(f"wrote {write_model_card(args.out, manifest)}")
+    return 0
+
+
+def _card(args: argparse.Namespace) -> int:
+    from ichpro.manifest import load_manifest
+    from ichpro.model_card import write_model_card
+
+    manifest = load_manifest(_manifest_path(args.data)) if args.data else None
+    print(f"wrote {write_model_card(args.run, manifest, n_boot=args.n_boot)}")
     return 0
 
 
@@ -175,10 +188,11 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from ichpro.model_card import CARD_FILE
     from ichpro.predict import load_run, predict_patient, save_heatmap
 
     run = load_run(args.checkpoint)
-    prediction = predict_patient(run, args.ct, args.report)
+    prediction = predict_patient(run, args.ct, args.report, bool(args.heatmap), args.heatmap_kind)
     status = prediction.report_fields
     if "given" not in status.values():
         print(f"warning: the report gives none of the expected fields ({', '.join(status)}); the model "
@@ -191,6 +205,9 @@ def _predict(args: argparse.Namespace) -> int:
     if args.heatmap:
         for path in save_heatmap(prediction, args.heatmap):
             print(f"wrote {path}")
+    card = Path(args.checkpoint) / CARD_FILE
+    print(f"before trusting this number, read the model card: {card}" if card.is_file()
+          else f"this run has no model card yet: write it with ichpro card {args.checkpoint}")
     return 0
 
 
@@ -296,8 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="run folder written by ichpro train")
     p.add_argument("--ct", required=True, help="NIfTI file or DICOM series folder")
     p.add_argument("--report", required=True, help="report text, or a text file holding it")
-    p.add_argument("--heatmap", type=Path, help="output prefix for <prefix>_attention.{nii.gz,png}")
+    p.add_argument("--heatmap", type=Path, help="output prefix for <prefix>_<kind>.{nii.gz,png}")
+    p.add_argument("--heatmap-kind",
+                   help="which heat map: grad_cam (the default where the model draws it: the map that "
+                        "localises the haematoma best in notebook 11), an attention map's name such as "
+                        "stage1_cmaf_text_to_vision or slice_attention, or that name + _x_gradient; a wrong "
+                        "name lists the model's maps")
     p.set_defaults(func=_predict)
+
+    p = sub.add_parser("card", help="write a trained run's model card",
+                       description="Write <run>/model_card.md: intended use, training data, inputs, "
+                                   "discrimination and calibration with 95 % CIs, decision curve, subgroups "
+                                   "(with --data), the heat map, known failure modes and their checks.")
+    p.add_argument("run", help="run folder written by ichpro train (or by ichpro table, under <out>/runs/)")
+    p.add_argument("--data", help="the manifest it was trained on (cohort folder or CSV): adds the subgroups "
+                                  "and the report fields")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates of the CIs (default 1000)")
+    p.set_defaults(func=_card)
 
     p = sub.add_parser("reproduce", help="run the notebooks headless with papermill",
                        description="Execute notebooks/NN_*.ipynb in order into "

@@ -220,6 +220,13 @@ def run(cohort, tmp_path_factory):
     return out, cache
 
 
+def test_train_writes_the_model_card_and_predict_points_to_it(run, cohort, volumes, tmp_path, capsys):
+    card = (run[0] / "model_card.md").read_text()
+    assert "comparator `small3dcnn`" in card and "## Subgroups\n| subgroup |" in card
+    code, output = run_cli(predict_case(run, cohort, volumes, tmp_path), capsys)
+    assert code == 0 and f"read the model card: {run[0] / 'model_card.md'}" in output
+
+
 def predict_case(run, cohort, volumes, tmp_path, ct="good", report=None):
     report = cohort[1]["report"].iloc[0] if report is None else report
     return ["predict", "--checkpoint", run[0], "--ct", volumes[0][ct] if ct in volumes[0] else ct,
@@ -261,6 +268,9 @@ def test_predict_on_a_folder_that_is_no_run_or_a_clinical_baseline_run(cohort, v
     code, output = run_cli(predict_case((baseline,), cohort, volumes, tmp_path), capsys)
     assert code == 2 and "holds the clinical baseline 'logistic_regression'" in output
     assert "vocabulary" not in output
+    card = (baseline / "model_card.md").read_text()
+    assert "clinical baseline `logistic_regression`" in card and "None: the model reads no image." in card
+    assert "before Platt scaling" not in card  # a fitted logistic model is not recalibrated
 
 
 def test_a_truncated_checkpoint_is_named(run, cohort, volumes, tmp_path, capsys):

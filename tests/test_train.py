@@ -219,12 +219,22 @@ def test_predict_rebuilds_each_fold_model_exactly(finished_run, smoke_cohort, tm
     prediction = predict_patient(run, ct, str(report))
     assert prediction.p_bad_per_fold[int(row["fold"])] == pytest.approx(row["p_bad"], abs=1e-5)
     assert prediction.p_bad == pytest.approx(np.mean(prediction.p_bad_per_fold))
-    assert prediction.heatmap_name == "stage1_cmaf_text_to_vision"
+    assert prediction.heatmap_name == "grad_cam"  # the default: the map that localises best (notebook 11)
     assert prediction.heatmap.shape == prediction.ct.shape == SMOKE.preprocess.spatial_size
+    assert 0 <= prediction.heatmap.min() and prediction.heatmap.max() <= 1 + 1e-6
+    attention = predict_patient(run, ct, str(report), heatmap_kind="stage1_cmaf_text_to_vision")
+    assert attention.p_bad == prediction.p_bad
     cells = np.prod(run.models[0].fusion.map_grids["stage1_cmaf_text_to_vision"])
-    assert prediction.heatmap.mean() == pytest.approx(1 / cells, rel=0.01)  # shares sum to 1 over cells
-    nifti, png = save_heatmap(prediction, tmp_path / "patient")
-    assert nifti.name == "patient_attention.nii.gz" and nifti.is_file() and png.is_file()
+    assert attention.heatmap.mean() == pytest.approx(1 / cells, rel=0.01)  # shares sum to 1 over cells
+    nifti, png = save_heatmap(attention, tmp_path / "patient")
+    assert nifti.name == "patient_stage1_cmaf_text_to_vision.nii.gz" and nifti.is_file() and png.is_file()
+    weighted = predict_patient(run, ct, str(report), heatmap_kind="stage2_mhsaf_self_x_gradient")
+    mhsaf_cells = np.prod(run.models[0].fusion.map_grids["stage2_mhsaf_self"])
+    assert 0 <= weighted.heatmap.mean() <= 1.01 / mhsaf_cells  # each fold's map: shares summing to 1, or none
+    assert predict_patient(run, ct, str(report), with_heatmap=False).heatmap is None
+    with pytest.raises(IchproError,
+                       match="draws no heat map 'nope'; it draws stage1_cmaf_vision_to_text, .*grad_cam"):
+        predict_patient(run, ct, str(report), heatmap_kind="nope")
 
 
 def test_predict_rejects_bad_inputs_clearly(finished_run, smoke_cohort, tmp_path):
@@ -273,3 +283,20 @@ def test_a_frozen_fit_encodes_each_ct_once_and_end_to_end_every_step(manifest, c
     seen.clear()
     again = cross_validate(quick, small, tmp_path / "frozen-again", quiet=True, cache_dir=tmp_path / "cache")
     assert len(again) == len(small) and not seen  # the disk cache: nothing encoded again
+
+
+def test_the_model_card_of_an_ichpro_run_states_its_measured_numbers(finished_run, manifest):
+    from ichpro.metrics import metrics_table
+    from ichpro.model_card import model_card
+
+    run, oof = finished_run
+    card = model_card(run, manifest, n_boot=100)
+    auc = metrics_table(oof["label"], oof["p_bad"], n_boot=100).set_index("metric").loc["auc"]
+    assert f"| auc | {auc['value']:.3f} ({auc['ci_low']:.3f} to {auc['ci_high']:.3f}) |" in card
+    for section in ("## Intended use", "## Not for", "## Training data", "## Inputs", "## Decision curve",
+                    "## Subgroups", "## Heat map", "## Known failure modes"):
+        assert section in card
+    assert "ICHPro (cross-self fusion; loss ce 1, imima 1, sdm 1, mlm 1)" in card
+    assert "calibration slope (before Platt scaling)" in card and "`grad_cam` by default" in card
+    assert f"- {len(oof)} patients, {int(oof['label'].sum())} bad outcomes" in card
+    assert "Hospital Stay " in card  # the report fields it read, with how often each was given
