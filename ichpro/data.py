@@ -49,6 +49,10 @@ from ichpro.errors import IchproError, ImageError
 from ichpro.features import cache_key, cached
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+#: Values below this are no tissue nor air (-1000 HU) but a scanner's padding outside its field of
+#: view (-2000, -3024, ...); the air check reads the scanned voxels only, so that a copy stored
+#: without its rescale intercept (air near 0, padding near -2000) is not taken for HU.
+PADDING_BELOW = -1500.0
 #: HU range of intracranial tissue (CSF, brain, fresh blood) used to find the brain.
 INTRACRANIAL_HU = (-20.0, 100.0)
 #: MONAI axis labels for world axes x, y, z (RAS+): given explicitly to pin Orientation's behaviour.
@@ -254,12 +258,13 @@ def check_hounsfield(hu: np.ndarray, source: Path) -> None:
     if len(distinct) <= 16 and distinct.min() >= 0 and np.all(distinct == np.round(distinct)):
         raise ImageError(f"CT {source} holds only {len(distinct)} distinct values ({_listed(distinct)}): "
                          "it looks like a label map or mask, not a CT; give the CT volume")
-    low, high = np.percentile(sample, [0.5, 99.5])
+    scanned = sample[sample > PADDING_BELOW]  # scanners pad outside the field of view with -2000, -3024 ...
+    low, high = np.percentile(scanned, [0.5, 99.5]) if scanned.size else (float(sample.min()),) * 2
     if low > -500:
         raise ImageError(f"CT {source} has no air (its lowest values are near {low:.0f}; air is near -1000 "
                          "HU): it is not in Hounsfield units (stored values without the rescale intercept, "
                          "an MR, or a normalised image); export the CT in HU")
-    brain = float(((sample >= 0) & (sample <= 80)).mean())
+    brain = float(((scanned >= 0) & (scanned <= 80)).mean()) if scanned.size else 0.0
     if brain < 0.005:
         raise ImageError(f"CT {source} has almost no voxel in the brain's range 0-80 HU ({brain:.1%}): "
                          "it is not a head CT in Hounsfield units (wrong units, offset or body part)")
