@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ichpro.decision_curve import TABULATED, useful_models
 from ichpro.experiments import VARIANT
 from ichpro.paper import reported_tables
+from ichpro.tripod import LAST_LAYER
 
 REPRODUCED, PARTLY, NOT_REPRODUCED, NOT_TESTABLE = (
     "reproduced",
@@ -46,7 +48,8 @@ SECOND_COHORT = "second_cohort"
 class Claim:
     """A claim and how it is tested: ``beats`` pairs (a, b) of rows of the results table ``table``
     whose AUC the paper puts a above b; ``kind`` is "comparison", "headline", "localisation",
-    "counterfactual" or "untestable" (with its ``reason``)."""
+    "counterfactual", "calibration", "decision", "sample_size" (notebook 12) or "untestable" (with its
+    ``reason``)."""
 
     claim: str
     source: str
@@ -150,6 +153,12 @@ CLAIMS = (
     ),
     Claim("ICHPro's attention falls on the haemorrhage", "Fig. 3", kind="localisation"),
     Claim("ICHPro's attention moves with the report", "Fig. 3", kind="counterfactual"),
+    Claim("ICHPro's probabilities are calibrated (after Platt scaling)", "ours", kind="calibration",
+          ours=True),
+    Claim("Acting on ICHPro beats acting on everyone or no one "
+          f"(thresholds {TABULATED[0]:.0%}-{TABULATED[-1]:.0%})",
+          "ours", kind="decision", ours=True),
+    Claim("480 patients are enough to develop ICHPro (Riley et al.)", "ours", kind="sample_size", ours=True),
 )
 
 
@@ -293,6 +302,43 @@ def _counterfactual(summary: pd.DataFrame | None) -> tuple[str, str, str, str]:
     return "shown, not measured", ours, verdict, reason
 
 
+def _calibration(summary: pd.DataFrame) -> tuple[str, str, str]:
+    s = summary[(summary["model"] == "ICHPro") & (summary["recalibration"] == "after Platt scaling")].iloc[0]
+    slope_ok = s["slope_ci_low"] <= 1 <= s["slope_ci_high"]
+    citl_ok = s["citl_ci_low"] <= 0 <= s["citl_ci_high"]
+    ours = f"slope {s['slope']:.2f} ({s['slope_ci_low']:.2f}-{s['slope_ci_high']:.2f}), CITL {s['citl']:+.2f}"
+    verdict = REPRODUCED if slope_ok and citl_ok else PARTLY if slope_ok or citl_ok else NOT_REPRODUCED
+    reason = (f"the slope's interval {'holds' if slope_ok else 'excludes'} 1 and calibration-in-the-large's "
+              f"({s['citl_ci_low']:+.2f} to {s['citl_ci_high']:+.2f}) {'holds' if citl_ok else 'excludes'} 0")
+    return ours, verdict, reason
+
+
+def _decision(curves: pd.DataFrame) -> tuple[str, str, str]:
+    useful = [t for t in TABULATED if "ICHPro" in useful_models(curves, t)]
+    verdict = REPRODUCED if len(useful) == len(TABULATED) else PARTLY if useful else NOT_REPRODUCED
+    ours = f"above both at {', '.join(f'{t:.0%}' for t in useful) or 'no threshold'}"
+    reason = (f"its net benefit's 95 % interval lies above treat all and treat none at {len(useful)} of "
+              f"{len(TABULATED)} thresholds ({', '.join(f'{t:.0%}' for t in TABULATED)})")
+    return ours, verdict, reason
+
+
+def _sample_size(table: pd.DataFrame) -> tuple[str, str, str]:
+    here = table[table["c_from"] == table["c_from"].iloc[0]].set_index("counted")
+    floor = here.loc[LAST_LAYER]
+    ours = "; ".join(f"{counted}: {int(r['n_minimum']):,}" for counted, r in here.iterrows())
+    verdict = REPRODUCED if floor["n_minimum"] <= floor["development"] else NOT_REPRODUCED
+    reason = (f"counting only ICHPro's last layer ({int(floor['parameters'])} parameters, a floor), Riley's "
+              f"criteria need {int(floor['n_minimum']):,} patients at C {floor['c']:.3f}; "
+              f"a training fold has {int(floor['development'])} ({int(floor['patients'])} in all)")
+    return ours, verdict, reason
+
+
+#: the claims of notebook 12, by kind: the CSV each is judged from and its judge
+CLINICAL = {"calibration": ("clinical_calibration", _calibration),
+            "decision": ("clinical_decision_curves", _decision),
+            "sample_size": ("clinical_sample_size", _sample_size)}
+
+
 def verdict_table(figures: str | Path) -> pd.DataFrame:
     """One line per :data:`CLAIMS` entry: source, the paper's number, ours, the verdict and its reason,
     and the verdict on the second cohort draw where it has the rows (``differs`` marks a change).
@@ -308,6 +354,11 @@ def verdict_table(figures: str | Path) -> pd.DataFrame:
             paper, ours, verdict, reason = _localisation(_read(figures, "attention_localisation_summary"))
         elif claim.kind == "counterfactual":
             paper, ours, verdict, reason = _counterfactual(_read(figures, "attention_counterfactual_summary"))
+        elif claim.kind in CLINICAL:
+            csv, judge = CLINICAL[claim.kind]
+            measured = _read(figures, csv)
+            paper = "not reported"
+            ours, verdict, reason = ("", "", "") if measured is None else judge(measured)
         elif claim.kind == "untestable":
             paper, ours, verdict, reason = _paper_for_untestable(claim), "—", NOT_TESTABLE, claim.reason
         else:

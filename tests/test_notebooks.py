@@ -54,6 +54,9 @@ EXPECTED_FIGURES = {
            "attention_counterfactual_summary.csv",
            "attention_counterfactual_truth.png", "attention_report_words.png", "attention_localisation.png",
            "attention_localisation.csv", "attention_localisation_summary.csv"),
+    "12": ("clinical_calibration.csv", "clinical_calibration_curves.csv", "clinical_calibration.png",
+           "clinical_decision_curves.csv", "clinical_decision_curves.png", "clinical_subgroups.csv",
+           "clinical_subgroups.png", "clinical_sample_size.csv"),
 }
 
 
