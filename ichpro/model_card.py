@@ -96,16 +96,17 @@ def _report_fields(manifest: pd.DataFrame | None) -> str:
 
 def _discrimination(oof: pd.DataFrame, n_boot: int) -> list[str]:
     t = metrics_table(oof["label"], oof["p_bad"], n_boot=n_boot).set_index("metric")
-    lines = [f"| {name} | {t.at[name, 'value']:.3f} "
+    lines = [f"| {label} | {t.at[name, 'value']:.3f} "
              f"({t.at[name, 'ci_low']:.3f} to {t.at[name, 'ci_high']:.3f}) |"
-             for name in ("auc", "accuracy", "f1", "brier")]
+             for name, label in (("auc", "AUC"), ("accuracy", "accuracy"), ("f1", "F1"), ("brier", "Brier"))]
     versions = {"p_bad": "after the folds' Platt scaling"}
     if "p_bad_uncalibrated" in oof:
         versions["p_bad_uncalibrated"] = "before Platt scaling"
     for column, label in versions.items():
         c = calibration_table(oof["label"], oof[column], n_boot=n_boot).set_index("measure")
-        for name in ("slope", "citl", "scaled_brier"):
-            lines.append(f"| calibration {name.replace('citl', 'in the large')} ({label}) | "
+        for name, measure in (("slope", "calibration slope"), ("citl", "calibration-in-the-large"),
+                              ("scaled_brier", "scaled Brier")):
+            lines.append(f"| {measure} ({label}) | "
                          f"{c.at[name, 'value']:.3f} "
                          f"({c.at[name, 'ci_low']:.3f} to {c.at[name, 'ci_high']:.3f}) |")
     return ["| measure | out-of-fold value (95 % CI) |", "| --- | --- |", *lines]

@@ -292,7 +292,7 @@ def test_the_model_card_of_an_ichpro_run_states_its_measured_numbers(finished_ru
     run, oof = finished_run
     card = model_card(run, manifest, n_boot=100)
     auc = metrics_table(oof["label"], oof["p_bad"], n_boot=100).set_index("metric").loc["auc"]
-    assert f"| auc | {auc['value']:.3f} ({auc['ci_low']:.3f} to {auc['ci_high']:.3f}) |" in card
+    assert f"| AUC | {auc['value']:.3f} ({auc['ci_low']:.3f} to {auc['ci_high']:.3f}) |" in card
     for section in ("## Intended use", "## Not for", "## Training data", "## Inputs", "## Decision curve",
                     "## Subgroups", "## Heat map", "## Known failure modes"):
         assert section in card

@@ -31,7 +31,7 @@ def plot_calibration_curves(curves: pd.DataFrame, summary: pd.DataFrame) -> plt.
         ax.plot([0, 1], [0, 1], color="0.6", lw=0.8)
         notes = []
         for recalibration, c in curves[curves["model"] == model].groupby("recalibration", sort=False):
-            colour = "0.45" if recalibration == BEFORE else "C0"
+            colour = {BEFORE: "0.45", AFTER: "C0", FITTED: "C1"}[recalibration]
             ax.plot(c["predicted"], c["observed"], _LINE[recalibration], color=colour, label=recalibration)
             ax.fill_between(c["predicted"], c["ci_low"], c["ci_high"], color=colour, alpha=0.15, lw=0)
             s = summary[(summary["model"] == model) & (summary["recalibration"] == recalibration)].iloc[0]
