@@ -62,27 +62,37 @@ def decision_curves(labels, p_bad_by_model: Mapping[str, np.ndarray], thresholds
                     n_boot: int = 500, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
     """Net benefit of each model (mean over its runs: an (r, n) array per model), of treat all and
     treat none, at each threshold, with a percentile interval over patient resamples (not stratified,
-    shared by every model): columns ``model``, ``threshold``, ``net_benefit``, ``ci_low``, ``ci_high``."""
+    shared by every model): columns ``model``, ``threshold``, ``net_benefit``, ``ci_low``, ``ci_high``;
+    and a model's ``advantage`` over the better default (treat all or treat none) with its paired
+    interval on the same resamples (``advantage_ci_low``, ``advantage_ci_high``; NaN for the defaults)."""
     t = _check_thresholds(thresholds)
     y = runs_on_patients(labels, np.zeros(len(labels)))[0].astype(float)
     index = bootstrap_indices(y, n_boot, seed, stratified=False)
     everyone = np.ones((1, y.size))
+    default = np.maximum(_net_benefit(y[None], everyone, t)[0], 0.0)
+    default_boot = np.maximum(_net_benefit(y[index], everyone[[0] * n_boot], t), 0.0)
     curves = {**{name: runs_on_patients(y, p)[1] for name, p in p_bad_by_model.items()}, TREAT_ALL: everyone}
     frames = []
     for name, runs in curves.items():
         point = np.mean([_net_benefit(y[None], p[None], t)[0] for p in runs], axis=0)
         boot = np.mean([_net_benefit(y[index], p[index], t) for p in runs], axis=0)
         low, high = zip(*(percentile_ci(boot[:, i], level) for i in range(t.size)))
-        frames.append(pd.DataFrame({"model": name, "threshold": t, "net_benefit": point, "ci_low": low,
-                                    "ci_high": high}))
+        frame = pd.DataFrame({"model": name, "threshold": t, "net_benefit": point, "ci_low": low,
+                              "ci_high": high})
+        if name != TREAT_ALL:
+            gain = boot - default_boot
+            frame["advantage"] = point - default
+            frame["advantage_ci_low"], frame["advantage_ci_high"] = zip(
+                *(percentile_ci(gain[:, i], level) for i in range(t.size)))
+        frames.append(frame)
     frames.append(pd.DataFrame({"model": TREAT_NONE, "threshold": t, "net_benefit": 0.0, "ci_low": 0.0,
                                 "ci_high": 0.0}))
     return pd.concat(frames, ignore_index=True)
 
 
 def decision_table(curves: pd.DataFrame, thresholds=TABULATED) -> pd.DataFrame:
-    """Net benefit (95 % interval) of every model at a few thresholds, one column per threshold, and
-    for each threshold the models whose interval lies above both treat all and treat none."""
+    """Net benefit (95 % interval) of every model and of the two defaults at a few thresholds, one
+    column per threshold."""
     rows = curves[np.isclose(curves["threshold"].to_numpy()[:, None], np.asarray(thresholds)).any(axis=1)]
     cells = rows.assign(cell=[f"{v:+.3f} ({lo:+.3f} to {hi:+.3f})" for v, lo, hi
                               in zip(rows["net_benefit"], rows["ci_low"], rows["ci_high"])])
@@ -90,9 +100,8 @@ def decision_table(curves: pd.DataFrame, thresholds=TABULATED) -> pd.DataFrame:
 
 
 def useful_models(curves: pd.DataFrame, threshold: float) -> list[str]:
-    """The models whose net-benefit interval at ``threshold`` lies above treat all's and treat none's
-    values."""
+    """The models whose advantage over the better default (treat all or treat none) at ``threshold``
+    has a paired 95 % interval above 0."""
     at = curves[np.isclose(curves["threshold"], threshold)].set_index("model")
-    floor = max(at.at[TREAT_ALL, "net_benefit"], 0.0)
     models = at.drop([TREAT_ALL, TREAT_NONE])
-    return models.index[models["ci_low"] > floor].tolist()
+    return models.index[models["advantage_ci_low"] > 0].tolist()

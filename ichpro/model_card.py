@@ -18,7 +18,7 @@ import pandas as pd
 from ichpro.calibration import calibration_table
 from ichpro.clinical import CLINICAL_BASELINES
 from ichpro.config import REPO_ROOT, Profile, profile_from_dict
-from ichpro.decision_curve import TABULATED, TREAT_ALL, TREAT_NONE, decision_curves, useful_models
+from ichpro.decision_curve import TABULATED, TREAT_ALL, decision_curves, useful_models
 from ichpro.errors import IchproError
 from ichpro.heatmaps import DEFAULT_HEATMAP
 from ichpro.metrics import metrics_table
@@ -122,9 +122,10 @@ def _decisions(oof: pd.DataFrame, n_boot: int) -> list[str]:
                      f"{at.at['model', 'ci_high']:+.3f}) | {at.at[TREAT_ALL, 'net_benefit']:+.3f} |")
     useful = [f"{t:.0%}" for t in TABULATED if useful_models(curves, t)]
     lines.append("")
-    lines.append(("Its net benefit's interval lies above treat all and treat none at " + ", ".join(useful)
-                  if useful else "At no tabulated threshold does its net benefit's interval lie above both "
-                  f"{TREAT_ALL.lower()} and {TREAT_NONE.lower()}") + ".")
+    lines.append(("Its net benefit is above the better of treat all and treat none, with a paired 95 % "
+                  "interval above 0, at " + ", ".join(useful) if useful else
+                  "At no tabulated threshold is its net benefit above the better of treat all and treat none "
+                  "with a paired 95 % interval above 0") + ".")
     return lines
 
 

@@ -38,6 +38,10 @@ def test_curves_hold_every_model_and_the_two_defaults():
     np.testing.assert_allclose(m["net_benefit"], net_benefit(LABELS, P_BAD, [0.25, 0.5]))
     assert (m["ci_low"] <= m["net_benefit"]).all() and (m["net_benefit"] <= m["ci_high"]).all()
     assert (curves.loc[curves["model"] == TREAT_NONE, "net_benefit"] == 0).all()
+    defaults = np.maximum(treat_all(LABELS, [0.25, 0.5]), 0)  # the better of treat all and treat none
+    np.testing.assert_allclose(m["advantage"], m["net_benefit"] - defaults)
+    assert (m["advantage_ci_low"] <= m["advantage"]).all()
+    assert (m["advantage"] <= m["advantage_ci_high"]).all()
     assert decision_table(curves, thresholds=[0.25]).shape == (3, 1)
 
 

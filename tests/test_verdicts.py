@@ -99,22 +99,30 @@ def test_the_clinical_verdicts_follow_calibration_net_benefit_and_sample_size(tm
     from ichpro.decision_curve import TABULATED, TREAT_ALL, TREAT_NONE
     from ichpro.tripod import LAST_LAYER
 
-    write(tmp_path, "clinical_calibration", [
+    calibration = [
         {"model": "ICHPro", "recalibration": "after Platt scaling", "slope": 0.9, "slope_ci_low": 0.75,
          "slope_ci_high": 1.05, "citl": 0.01, "citl_ci_low": -0.2, "citl_ci_high": 0.25},
         {"model": "ICHPro", "recalibration": "before Platt scaling", "slope": 0.5, "slope_ci_low": 0.4,
-         "slope_ci_high": 0.6, "citl": 0.5, "citl_ci_low": 0.3, "citl_ci_high": 0.7}])
-    curves = [{"model": m, "threshold": t, "net_benefit": nb, "ci_low": nb - 0.02, "ci_high": nb + 0.02}
-              for t in TABULATED for m, nb in (("ICHPro", 0.3 if t < 0.5 else 0.1), (TREAT_ALL, 0.2),
-                                               (TREAT_NONE, 0.0))]
+         "slope_ci_high": 0.6, "citl": 0.5, "citl_ci_low": 0.3, "citl_ci_high": 0.7},
+        {"model": "ICHPro, no Hospital Stay", "recalibration": "after Platt scaling", "slope": 0.95,
+         "slope_ci_low": 0.8, "slope_ci_high": 1.1, "citl": 0.0, "citl_ci_low": -0.2, "citl_ci_high": 0.2}]
+    write(tmp_path, "clinical_calibration", calibration)
+    curves = [{"model": m, "threshold": t, "net_benefit": nb, "advantage_ci_low": gain}
+              for t in TABULATED for m, nb, gain in (("ICHPro", 0.3, 0.01 if t < 0.5 else -0.01),
+                                                     (TREAT_ALL, 0.2, None), (TREAT_NONE, 0.0, None))]
     write(tmp_path, "clinical_decision_curves", curves)
     write(tmp_path, "clinical_sample_size", [
         {"c_from": "here", "c": 0.84, "counted": name, "parameters": p, "n_minimum": n, "patients": 480,
          "development": 384}
         for name, p, n in (("clinical logistic regression", 15, 300), (LAST_LAYER, 153, 7000))])
     table = verdict_table(tmp_path).set_index("claim")
-    assert table.loc["ICHPro's probabilities are calibrated (after Platt scaling)", "verdict"] == REPRODUCED
+    calibrated = [c for c in table.index if c.startswith("After Platt scaling")][0]
+    assert table.loc[calibrated, "verdict"] == REPRODUCED
     decision = table.loc[[c for c in table.index if c.startswith("Acting on ICHPro")][0]]
-    assert decision["verdict"] == PARTLY and decision["ours"] == "above both at 20%, 30%, 40%"
+    assert decision["verdict"] == PARTLY and decision["ours"] == "above at 20%, 30%, 40%"
+    assert decision["reason"].endswith("; not at 50%, 60%")
     size = table.loc["480 patients are enough to develop ICHPro (Riley et al.)"]
     assert size["verdict"] == NOT_REPRODUCED and "need 7,000 patients" in size["reason"]
+    calibration[2].update(slope_ci_high=0.98)  # the admission-time form's predictions too extreme
+    write(tmp_path, "clinical_calibration", calibration)
+    assert verdict_table(tmp_path).set_index("claim").at[calibrated, "verdict"] == PARTLY

@@ -11,7 +11,10 @@ import pandas as pd
 
 from ichpro.decision_curve import TABULATED, TREAT_ALL, TREAT_NONE, useful_models
 from ichpro.heatmaps import DEFAULT_HEATMAP
-from ichpro.tripod import AFTER, BEFORE, FITTED
+from ichpro.tripod import AFTER, BEFORE, FITTED, JUDGED
+
+#: the clinical baselines among the judged models (fitted logistic maps, no network)
+FITTED_MODELS = JUDGED["table4_comparison"]
 
 _LINE = {AFTER: "-", FITTED: "-", BEFORE: "--"}
 
@@ -35,7 +38,7 @@ def plot_calibration_curves(curves: pd.DataFrame, summary: pd.DataFrame) -> plt.
             ax.plot(c["predicted"], c["observed"], _LINE[recalibration], color=colour, label=recalibration)
             ax.fill_between(c["predicted"], c["ci_low"], c["ci_high"], color=colour, alpha=0.15, lw=0)
             s = summary[(summary["model"] == model) & (summary["recalibration"] == recalibration)].iloc[0]
-            notes.append(f"slope {s['slope']:.2f} ({'before' if recalibration == BEFORE else 'final'})")
+            notes.append(f"slope {s['slope']:.2f} ({recalibration})")
         ax.set_title(model, fontsize=8)
         ax.text(0.03, 0.97, "\n".join(notes), transform=ax.transAxes, va="top", fontsize=7)
         ax.set_xlim(0, 1)
@@ -60,12 +63,14 @@ def plot_calibration_curves(curves: pd.DataFrame, summary: pd.DataFrame) -> plt.
 
 
 def plot_decision_curves(curves: pd.DataFrame, models: list[str]) -> plt.Figure:
-    """Net benefit against the threshold for ``models``, treat all and treat none."""
+    """Net benefit against the threshold for ``models`` (the clinical baselines dash-dotted), treat all
+    and treat none."""
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     for i, model in enumerate([*models, TREAT_ALL, TREAT_NONE]):
         c = curves[curves["model"] == model]
         style = ({"color": "black", "ls": "--"} if model == TREAT_ALL else {"color": "black", "ls": ":"}
-                 if model == TREAT_NONE else {"color": f"C{i}"})
+                 if model == TREAT_NONE else {"color": f"C{i}", "ls": "-." if model in FITTED_MODELS
+                                              else "-"})
         ax.plot(c["threshold"], c["net_benefit"], label=model, lw=1.4, **style)
     top = curves[curves["model"].isin(models)]["net_benefit"].max()
     ax.set_ylim(-0.05, top + 0.03)
@@ -83,16 +88,17 @@ def plot_subgroups(table: pd.DataFrame, models: list[str]) -> plt.Figure:
     for ax, model in zip(axes[0], models):
         t = table[table["model"] == model].reset_index(drop=True)
         y = np.arange(len(t))[::-1]
-        clear = t["auc_gap_clear"].to_numpy()
+        worse = (t["auc_gap_clear"] & (t["auc_gap"] < 0)).to_numpy()
         ax.errorbar(t["auc"], y, xerr=[t["auc"] - t["auc_ci_low"], t["auc_ci_high"] - t["auc"]], fmt="none",
                     ecolor="0.5", lw=1)
-        ax.scatter(t["auc"], y, c=np.where(clear, "C3", "C0"), zorder=3, s=18)
+        ax.scatter(t["auc"], y, c=np.where(worse, "C3", "C0"), zorder=3, s=18)
         ax.set_title(model, fontsize=8)
         ax.set_xlabel("AUC")
         ax.set_xlim(0.4, 1.0)
     labels = [f"{r.grouping}: {r.group} (n={r.n})" for r in table[table["model"] == models[0]].itertuples()]
     axes[0, 0].set_yticks(np.arange(len(labels))[::-1], labels, fontsize=7)
-    fig.suptitle("AUC per subgroup (red: the gap to the other patients excludes 0)", fontsize=10)
+    fig.suptitle("AUC per subgroup (red: below the other patients, the gap's 95 % interval excluding 0)",
+                 fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -125,45 +131,55 @@ def describe_calibration(summary: pd.DataFrame) -> list[str]:
 
 
 def describe_decisions(curves: pd.DataFrame, thresholds=TABULATED) -> list[str]:
-    """At each tabulated threshold: the models whose net benefit's interval lies above treat all and
-    treat none, and the model with the highest net benefit."""
+    """At each tabulated threshold: the models above the better default (treat all or treat none)
+    with a paired interval above 0, and the model with the highest net benefit."""
     said = []
     for t in thresholds:
         at = curves[np.isclose(curves["threshold"], t)].set_index("model")
         models = at.drop([TREAT_ALL, TREAT_NONE])
         best = models["net_benefit"].idxmax()
         useful = useful_models(curves, t)
-        said.append(f"At {t:.0%}: treat all {at.at[TREAT_ALL, 'net_benefit']:+.3f}; "
-                    f"{len(useful)} of {len(models)} models clearly above both defaults"
-                    + (f" ({', '.join(useful)})" if 0 < len(useful) < len(models) else "")
-                    + f"; highest: {best} ({models.at[best, 'net_benefit']:+.3f}).")
+        others = [m for m in models.index if m not in useful]
+        said.append(f"At {t:.0%}: treat all {at.at[TREAT_ALL, 'net_benefit']:+.3f}; {len(useful)} of "
+                    f"{len(models)} models clearly above the better default"
+                    + (f" (not: {', '.join(others)})" if useful and others else "")
+                    + f"; highest: {best} ({models.at[best, 'net_benefit']:+.3f}, "
+                    f"{models.at[best, 'advantage']:+.3f} over the better default).")
     return said
 
 
 def describe_subgroups(table: pd.DataFrame) -> list[str]:
-    """Per model, the subgroups whose AUC or calibration-slope gap to the other patients has an
-    interval that excludes 0."""
+    """Per model, the subgroups where it discriminates worse than in the other patients (the AUC
+    gap's interval below 0), and those whose calibration slope's interval excludes 1."""
     said = []
     for model, t in table.groupby("model", sort=False):
-        auc = [f"{r.grouping} {r.group} ({r.auc:.3f}, gap {r.auc_gap:+.3f})"
-               for r in t.itertuples() if r.auc_gap_clear]
-        slope = [f"{r.grouping} {r.group} ({r.slope:.2f})" for r in t.itertuples() if r.slope_gap_clear]
-        said.append(f"{model}: AUC gaps beyond their CI: {'; '.join(auc) or 'none'}. "
-                    f"Slope gaps beyond their CI: {'; '.join(slope) or 'none'}.")
+        worse = [f"{r.grouping}: {r.group} (AUC {r.auc:.3f}, {-r.auc_gap:.3f} below the rest)"
+                 for r in t.itertuples() if r.auc_gap_clear and r.auc_gap < 0]
+        slope = [f"{r.grouping}: {r.group} ({r.slope:.2f}, {r.slope_ci_low:.2f}-{r.slope_ci_high:.2f})"
+                 for r in t.itertuples() if not r.slope_ci_low <= 1 <= r.slope_ci_high]
+        said.append(f"{model}: discriminates worse in {'; '.join(worse) or 'no subgroup'}. "
+                    f"Calibration slope excludes 1 in {'; '.join(slope) or 'no subgroup'}.")
     return said
+
+
+_CRITERIA = {"n_overall_risk": "overall risk", "n_mape": "prediction error", "n_shrinkage": "shrinkage",
+             "n_optimism": "optimism"}
 
 
 def describe_sample_size(table: pd.DataFrame) -> list[str]:
     """For each parameter count and anticipated C (:func:`ichpro.tripod.sample_size_table`): the
-    minimum n and whether a training fold and the whole cohort meet it."""
+    minimum n, the criterion that sets it, and which criteria a training fold meets."""
     said = []
-    for r in table.itertuples():
-        verdict = ("met by each training fold" if r.development >= r.n_minimum else
-                   "met by the whole cohort only" if r.patients >= r.n_minimum else "not met")
-        said.append(f"{r.counted} ({r.parameters:,} parameters), C {r.c:.3f} from {r.c_from} (Cox-Snell R² "
-                    f"{r.r2_cox_snell:.3f}): at least {r.n_minimum:,} patients "
-                    f"({r.n_shrinkage:,} for the shrinkage criterion alone): {verdict} "
-                    f"({r.development} per training fold, {r.patients} in all).")
+    for r in table.to_dict("records"):
+        binding = max(_CRITERIA, key=lambda k: r[k])
+        met = [f"{name} ({r[k]:,})" for k, name in _CRITERIA.items() if r[k] <= r["development"]]
+        verdict = ("met by each training fold" if r["development"] >= r["n_minimum"] else
+                   "met by the whole cohort only" if r["patients"] >= r["n_minimum"] else "not met")
+        said.append(f"{r['counted']} ({r['parameters']:,} parameters), C {r['c']:.3f} from "
+                    f"{r['c_from']} (Cox-Snell R² {r['r2_cox_snell']:.3f}): at least {r['n_minimum']:,} "
+                    f"patients, set by the {_CRITERIA[binding]} criterion: {verdict} ({r['development']} per "
+                    f"training fold, {r['patients']} in all); a training fold meets "
+                    + (", ".join(met) if met else "none of the four") + ".")
     return said
 
 
