@@ -328,10 +328,11 @@ def _decision(curves: pd.DataFrame) -> tuple[str, str, str]:
     verdict = REPRODUCED if len(useful) == len(TABULATED) else PARTLY if useful else NOT_REPRODUCED
     missed = [t for t in TABULATED if t not in useful]
     ours = f"above at {', '.join(f'{t:.0%}' for t in useful) or 'no threshold'}"
+    where = ("every threshold tabulated" if not missed else
+             f"{', '.join(f'{t:.0%}' for t in useful) or 'no threshold'}; not at "
+             f"{', '.join(f'{t:.0%}' for t in missed)}")
     reason = ("its net benefit exceeds the better of treat all and treat none (paired 95 % interval above 0) "
-              f"at {', '.join(f'{t:.0%}' for t in useful) or 'none'} of "
-              f"{', '.join(f'{t:.0%}' for t in TABULATED)}"
-              + (f"; not at {', '.join(f'{t:.0%}' for t in missed)}" if missed and useful else ""))
+              f"at {where}")
     return ours, verdict, reason
 
 

@@ -120,7 +120,7 @@ def test_the_clinical_verdicts_follow_calibration_net_benefit_and_sample_size(tm
     assert table.loc[calibrated, "verdict"] == REPRODUCED
     decision = table.loc[[c for c in table.index if c.startswith("Acting on ICHPro")][0]]
     assert decision["verdict"] == PARTLY and decision["ours"] == "above at 20%, 30%, 40%"
-    assert decision["reason"].endswith("; not at 50%, 60%")
+    assert decision["reason"].endswith("at 20%, 30%, 40%; not at 50%, 60%")
     size = table.loc["480 patients are enough to develop ICHPro (Riley et al.)"]
     assert size["verdict"] == NOT_REPRODUCED and "need 7,000 patients" in size["reason"]
     calibration[2].update(slope_ci_high=0.98)  # the admission-time form's predictions too extreme
